@@ -1,0 +1,37 @@
+# doqproxy — developer entry points. `make test` is the CI command (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEBIAN_TOOLS := bind9-dnsutils knot-dnsutils
+
+.PHONY: install venv test lint debian-tools demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,fast]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+install: venv
+
+# dig and kdig are real, independent clients used by the end-to-end tests.
+debian-tools:
+	@if ! command -v dig >/dev/null || ! command -v kdig >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBIAN_TOOLS); \
+	fi
+
+lint: venv
+	$(VENV)/bin/ruff check doqproxy tests bench
+	$(VENV)/bin/ruff format --check doqproxy tests bench
+	$(VENV)/bin/mypy
+
+test: venv debian-tools lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
