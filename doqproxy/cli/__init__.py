@@ -1,0 +1,16 @@
+"""The ``doqproxy`` command line. Each sub-command lives in a sibling module."""
+
+from __future__ import annotations
+
+import click
+
+from .forward import forward
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="doqproxy")
+def main() -> None:
+    """A local DNS stub proxy that forwards plain DNS over DNS-over-QUIC (RFC 9250)."""
+
+
+main.add_command(forward)
