@@ -1,0 +1,134 @@
+"""``doqproxy forward``: plain DNS over UDP and TCP in, DNS-over-QUIC out."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import forwarder, runtime
+from ..addresses import AddressError, parse_listen, parse_upstream
+from ..listen_tcp import TcpLimits
+from ..sockets import ListenError
+
+
+@click.command()
+@click.option(
+    "-l",
+    "--listen",
+    "listen",
+    multiple=True,
+    default=("127.0.0.53:53",),
+    show_default=True,
+    metavar="ADDR:PORT",
+    help="Address for UDP and TCP; repeatable. IPv6 as [::1]:5353.",
+)
+@click.option(
+    "-u",
+    "--upstream",
+    required=True,
+    metavar="quic://HOST[:PORT]",
+    help="The DoQ server; HOST is a name or an IP literal, the port defaults to 853.",
+)
+@click.option("--tls-ca-file", metavar="PATH", help="Trust these CAs instead of the system store.")
+@click.option(
+    "--tls-server-name",
+    metavar="NAME",
+    help="Name to verify in the server certificate (for an IP literal upstream).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds before an unanswered query gets SERVFAIL.",
+)
+@click.option("--no-padding", is_flag=True, help="Do not pad queries (RFC 8467).")
+@click.option(
+    "--tcp-idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds an idle client TCP connection is kept open.",
+)
+@click.option(
+    "--tcp-message-timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds a client may take to send one whole TCP message.",
+)
+@click.option(
+    "--tcp-max-connections",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Client TCP connections in total.",
+)
+@click.option(
+    "--tcp-max-connections-per-ip",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Client TCP connections from one IP address.",
+)
+@click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
+def forward(
+    listen: tuple[str, ...],
+    upstream: str,
+    tls_ca_file: str | None,
+    tls_server_name: str | None,
+    timeout: float,
+    no_padding: bool,
+    tcp_idle_timeout: float,
+    tcp_message_timeout: float,
+    tcp_max_connections: int,
+    tcp_max_connections_per_ip: int,
+    verbose: int,
+) -> None:
+    """Forward plain DNS (UDP and TCP) to a DNS-over-QUIC upstream.
+
+    \b
+    Example:
+      doqproxy forward -l 127.0.0.1:5353 -u quic://dns.adguard-dns.com
+    """
+    try:
+        url = parse_upstream(upstream, ("quic",))
+        addresses = tuple(parse_listen(text) for text in listen)
+    except AddressError as exc:
+        raise click.ClickException(str(exc)) from None
+    if tls_ca_file is not None:
+        check_ca_file(tls_ca_file)
+    settings = forwarder.ForwardSettings(
+        listen=addresses,
+        upstream=url,
+        tls_ca_file=tls_ca_file,
+        tls_server_name=tls_server_name,
+        timeout=timeout,
+        padding=not no_padding,
+        tcp=TcpLimits(
+            idle_timeout=tcp_idle_timeout,
+            message_timeout=tcp_message_timeout,
+            max_connections=tcp_max_connections,
+            max_connections_per_ip=tcp_max_connections_per_ip,
+        ),
+    )
+    runtime.setup_logging(verbose)
+    try:
+        sockets = forwarder.bind_all(settings)
+    except ListenError as exc:
+        raise click.ClickException(exc.strerror or str(exc)) from None
+    raise SystemExit(runtime.run(lambda: forwarder.serve(settings, sockets)))
+
+
+def check_ca_file(path: str) -> None:
+    """Fail with one line unless ``path`` is a readable PEM file with a certificate."""
+    if not os.path.exists(path):
+        raise click.ClickException(f"--tls-ca-file {path}: no such file")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise click.ClickException(f"--tls-ca-file {path}: {exc.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise click.ClickException(f"--tls-ca-file {path}: no PEM certificate in the file")

@@ -1,0 +1,338 @@
+"""One DNS-over-QUIC client connection: a thin asyncio adapter over aioquic.
+
+:class:`DoqConnection` opens the UDP endpoint itself (so that it can use its own
+``QuicConnection`` subclass), sends each query on a fresh bidirectional stream
+and resolves a future when the answer's stream ends. Queries written before the
+handshake completes go out as 0-RTT early data when a session ticket allows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnectionState
+from aioquic.quic.packet import QuicPacketType
+from aioquic.tls import Epoch, SessionTicket
+
+from . import doq
+from .upstream import Ede, UpstreamError
+
+log = logging.getLogger(__name__)
+
+_END_STATES = (
+    QuicConnectionState.CLOSING,
+    QuicConnectionState.DRAINING,
+    QuicConnectionState.TERMINATED,
+)
+
+
+class ConnectionLost(UpstreamError):
+    """The connection died before the answer arrived; the query may be retried."""
+
+
+class _ClientQuicConnection(QuicConnection):
+    """A QuicConnection that never strands 0-RTT data.
+
+    aioquic 1.7 forgets early-data packets in two cases: when the server answers
+    with Retry (the packet spaces are rebuilt, so the 0-RTT packets are neither
+    acknowledged nor declared lost) and when the server rejects early data (they
+    are only resent after loss detection, about one RTT later). Both are fixed by
+    declaring those packets lost at once, which requeues their stream data.
+    """
+
+    def _connect(self, now: float) -> None:
+        if self._retry_count:
+            self.requeue_early_data(now)
+        super()._connect(now)
+
+    def requeue_early_data(self, now: float) -> None:
+        space = self._spaces[Epoch.ONE_RTT]
+        early = [
+            packet
+            for packet in space.sent_packets.values()
+            if packet.packet_type == QuicPacketType.ZERO_RTT
+        ]
+        if early:
+            self._loss._on_packets_lost(now=now, packets=early, space=space, congestion_event=False)
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    """What happened on one connection, for logs, stats and ``doqproxy query``."""
+
+    opened_at: float = 0.0
+    handshake_at: float | None = None
+    first_byte_at: float | None = None
+    early_data_sent: bool = False
+    early_data_accepted: bool | None = None
+    session_resumed: bool | None = None
+    alpn: str | None = None
+    close_code: int | None = None
+    close_reason: str = ""
+    close_by_peer: bool = False
+
+
+class _Protocol(QuicConnectionProtocol):
+    """Routes aioquic events to the owning :class:`DoqConnection`."""
+
+    owner: DoqConnection
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        # Deliberately no super(): the default keeps a StreamReader per stream forever.
+        self.owner._on_event(event)
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        super().datagram_received(data, addr)
+        self.owner.last_heard = time.monotonic()
+        # A peer's CONNECTION_CLOSE only surfaces after the draining period; look now.
+        quic = self._quic
+        if quic._state in _END_STATES and quic._close_event is not None:
+            self.owner._on_terminated(quic._close_event, draining=True)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port/host unreachable: fail fast instead of waiting for the timeout.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self.owner._fail(ConnectionLost(f"connection failed: {reason}"))
+
+
+class DoqConnection:
+    """One QUIC connection to a DoQ server, carrying many concurrent queries."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        configuration: QuicConfiguration,
+        *,
+        ticket_handler: Callable[[SessionTicket], None] | None = None,
+        token_handler: Callable[[bytes], None] | None = None,
+        on_dead: Callable[[DoqConnection], None] | None = None,
+    ) -> None:
+        self.address = address
+        self._on_dead = on_dead
+        self.configuration = configuration
+        self.info = ConnectionInfo(opened_at=time.monotonic())
+        self.last_heard = self.info.opened_at
+        self.in_flight = 0
+        self.dead = False
+        self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending: dict[int, tuple[doq.StreamReader, asyncio.Future[bytes]]] = {}
+        self._ticket_handler = ticket_handler
+        self._token_handler = token_handler
+        self._protocol: _Protocol | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the socket and start the handshake (the first flight waits for
+        :meth:`send` or :meth:`flush` so that queries can ride along as 0-RTT)."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
+        local = "::" if family == socket.AF_INET6 else "0.0.0.0"
+        quic = _ClientQuicConnection(
+            configuration=self.configuration,
+            session_ticket_handler=self._ticket_handler,
+            token_handler=self._token_handler,
+        )
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _Protocol(quic), family=family, local_addr=(local, 0)
+        )
+        self._transport = transport
+        self._protocol = protocol
+        self._protocol.owner = self
+        self._protocol.connect(self.address, transmit=False)
+        self.info.opened_at = time.monotonic()
+
+    @property
+    def quic(self) -> QuicConnection:
+        assert self._protocol is not None
+        return self._protocol._quic
+
+    @property
+    def usable(self) -> bool:
+        return not self.dead and self._protocol is not None
+
+    @property
+    def resumable(self) -> bool:
+        """A session ticket was given, so early data can go in the first flight."""
+        return self.configuration.session_ticket is not None
+
+    def close(self, code: int = doq.DoqError.NO_ERROR, reason: str = "") -> None:
+        """Close with a DoQ error code; pending queries fail with :class:`ConnectionLost`."""
+        if self._protocol is not None and not self.dead:
+            self._protocol.close(error_code=code, reason_phrase=reason)
+        self._fail(ConnectionLost(f"connection closed locally ({reason or 'shutdown'})"))
+
+    async def wait_closed(self, grace: float = 1.0) -> None:
+        """Wait until aioquic has sent the close, then release the socket."""
+        if self._protocol is not None:
+            try:
+                async with asyncio.timeout(grace):
+                    await self._protocol.wait_closed()
+            except TimeoutError:
+                pass
+        if self._transport is not None:
+            self._transport.close()
+
+    # --- queries -----------------------------------------------------------
+
+    async def query(self, message: bytes) -> bytes:
+        """Send one DNS message on a new stream and return the answer's message."""
+        if self.dead or self._protocol is None:
+            raise ConnectionLost("connection is closed")
+        quic = self._protocol._quic
+        stream_id = quic.get_next_available_stream_id()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[stream_id] = (doq.StreamReader(), future)
+        self.in_flight += 1
+        if not self.handshake_done.done() and self.resumable:
+            self.info.early_data_sent = True
+        quic.send_stream_data(stream_id, doq.frame(message), end_stream=True)
+        self._protocol.transmit()
+        try:
+            return await future
+        finally:
+            self.in_flight -= 1
+            if self._pending.pop(stream_id, None) is not None and not self.dead:
+                # Cancelled (timeout) before the answer: tell the server to stop.
+                self._cancel_stream(stream_id)
+
+    def _cancel_stream(self, stream_id: int) -> None:
+        assert self._protocol is not None
+        quic = self._protocol._quic
+        try:
+            quic.reset_stream(stream_id, doq.DoqError.REQUEST_CANCELLED)
+            quic.stop_stream(stream_id, doq.DoqError.REQUEST_CANCELLED)
+        except Exception:
+            pass
+        self._protocol.transmit()
+
+    # --- events ------------------------------------------------------------
+
+    def _on_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamDataReceived):
+            self._on_stream_data(event)
+        elif isinstance(event, events.StreamReset):
+            entry = self._pending.pop(event.stream_id, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_exception(
+                    UpstreamError(f"server reset the stream (code {event.error_code:#x})")
+                )
+        elif isinstance(event, events.HandshakeCompleted):
+            self._on_handshake(event)
+        elif isinstance(event, events.ConnectionTerminated):
+            self._on_terminated(event, draining=False)
+
+    def _on_stream_data(self, event: events.StreamDataReceived) -> None:
+        entry = self._pending.get(event.stream_id)
+        if entry is None:
+            return
+        if self.info.first_byte_at is None:
+            self.info.first_byte_at = time.monotonic()
+        reader, future = entry
+        try:
+            message = reader.feed(event.data, event.end_stream)
+        except doq.DoqProtocolError as exc:
+            del self._pending[event.stream_id]
+            future.set_exception(UpstreamError(f"bad DoQ answer: {exc}", Ede.INVALID_DATA))
+            self.close(doq.DoqError.PROTOCOL_ERROR, str(exc))
+            return
+        if message is not None:
+            del self._pending[event.stream_id]
+            if not future.done():
+                future.set_result(message)
+
+    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+        info = self.info
+        info.handshake_at = time.monotonic()
+        info.alpn = event.alpn_protocol
+        info.session_resumed = event.session_resumed
+        if info.early_data_sent:
+            info.early_data_accepted = event.early_data_accepted
+            if not event.early_data_accepted:
+                # Resend the rejected early data now, not after loss detection.
+                quic = cast(_ClientQuicConnection, self.quic)
+                quic.requeue_early_data(time.monotonic())
+                assert self._protocol is not None
+                self._protocol._transmit_soon()
+        if not self.handshake_done.done():
+            self.handshake_done.set_result(None)
+        log.debug(
+            "connected to %s: resumed=%s early_data=%s accepted=%s",
+            self.address,
+            info.session_resumed,
+            info.early_data_sent,
+            info.early_data_accepted,
+        )
+
+    def _on_terminated(self, event: events.ConnectionTerminated, *, draining: bool) -> None:
+        if self.dead:
+            return
+        info = self.info
+        info.close_code = event.error_code
+        info.close_reason = event.reason_phrase
+        info.close_by_peer = draining or event.error_code != 0 or "Idle" not in event.reason_phrase
+        self._fail(ConnectionLost(_describe_close(event), Ede.NETWORK_ERROR))
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(exc)
+            self.handshake_done.exception()  # mark retrieved: nobody may be waiting
+        pending, self._pending = self._pending, {}
+        for _, future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        if self._on_dead is not None:
+            self._on_dead(self)
+
+
+def _describe_close(event: events.ConnectionTerminated) -> str:
+    code = event.error_code
+    reason = f": {event.reason_phrase}" if event.reason_phrase else ""
+    if 0x100 <= code <= 0x1FF:
+        return f"TLS handshake failed (alert {code - 0x100}){reason}"
+    if code == 0 and "Idle" in event.reason_phrase:
+        return "connection idle timeout"
+    return f"connection closed (code {code:#x}){reason}"
+
+
+def client_configuration(
+    server_name: str,
+    *,
+    ca_file: str | None,
+    idle_timeout: float = 30.0,
+    **extra: Any,
+) -> QuicConfiguration:
+    """A strict-verification client configuration for DoQ."""
+    import ssl
+
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[doq.ALPN],
+        server_name=server_name,
+        verify_mode=ssl.CERT_REQUIRED,
+        idle_timeout=idle_timeout,
+        **extra,
+    )
+    if ca_file is not None:
+        configuration.load_verify_locations(cafile=ca_file)
+        return configuration
+    # The system trust store, as OpenSSL is configured to find it.
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile:
+        configuration.load_verify_locations(cafile=paths.cafile)
+    else:
+        configuration.load_verify_locations(capath=paths.capath or paths.openssl_capath)
+    return configuration

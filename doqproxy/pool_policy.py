@@ -1,0 +1,67 @@
+"""Pure decisions of the upstream connection pool: which connection takes a query,
+and how long to wait before trying a dead upstream again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class PooledConnection(Protocol):
+    """What the policy looks at on each connection."""
+
+    @property
+    def usable(self) -> bool: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def last_heard(self) -> float: ...
+
+
+def pick(
+    connections: Sequence[PooledConnection],
+    *,
+    now: float,
+    max_streams: int,
+    idle_timeout: float,
+    idle_margin: float = 1.0,
+) -> int | None:
+    """Index of the live connection with the most spare capacity, or ``None``.
+
+    A connection that is full, dead, or within ``idle_margin`` seconds of its
+    idle timeout (it may be gone by the time the query arrives) is skipped.
+    """
+    best: int | None = None
+    best_spare = 0
+    for index, conn in enumerate(connections):
+        if not conn.usable or now - conn.last_heard >= idle_timeout - idle_margin:
+            continue
+        spare = max_streams - conn.in_flight
+        if spare > best_spare:
+            best, best_spare = index, spare
+    return best
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential backoff between failed connection attempts."""
+
+    base: float = 0.25
+    cap: float = 5.0
+    failures: int = 0
+    not_before: float = 0.0
+
+    def failed(self, now: float) -> None:
+        self.not_before = now + min(self.cap, self.base * (2**self.failures))
+        self.failures += 1
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.not_before = 0.0
+
+    def wait(self, now: float) -> float:
+        """Seconds until the next attempt is allowed (0 when it is)."""
+        return max(0.0, self.not_before - now)
