@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from .forward import forward
+from .query import query
+from .serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,3 +16,5 @@ def main() -> None:
 
 
 main.add_command(forward)
+main.add_command(query)
+main.add_command(serve)
