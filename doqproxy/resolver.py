@@ -1,9 +1,13 @@
 """The one request pipeline that every front end (UDP, TCP, DoQ) hands queries to.
 
-validate → upstream → check → reply. Each step is a pure function from
-:mod:`doqproxy.validate` or :mod:`doqproxy.rewrite`; this module only sequences
-them, applies the deadline and turns failures into SERVFAIL with an Extended
-DNS Error saying why.
+validate → cache → coalesce → upstream → cache → reply. Each step is a pure
+function from :mod:`doqproxy.validate`, :mod:`doqproxy.cache` or
+:mod:`doqproxy.rewrite`; this module only sequences them, applies the deadline
+and turns failures into SERVFAIL with an Extended DNS Error saying why, or into
+a stale answer when serve-stale (RFC 8767) allows one.
+
+A cache hit of the common shape skips validation: :meth:`AnswerCache.fast_reply`
+only answers queries that validation would accept.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import logging
 from dataclasses import dataclass, field
 
 from . import rewrite, validate, wire
+from .cache import AnswerCache
+from .coalesce import Coalescer
 from .upstream import Ede, Upstream, UpstreamError
 from .wire import Question
 
@@ -30,8 +36,32 @@ class ResolverStats:
     rcodes: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(slots=True, frozen=True)
+class Answer:
+    """A checked upstream answer."""
+
+    response: bytes
+    parsed: Question
+
+
+@dataclass(slots=True, frozen=True)
+class Failure:
+    """No usable answer came back."""
+
+    reason: str
+    ede: Ede
+
+
+Outcome = Answer | Failure
+
+
 class Resolver:
-    """Answers raw DNS queries through one :class:`~doqproxy.upstream.Upstream`."""
+    """Answers raw DNS queries through one :class:`~doqproxy.upstream.Upstream`.
+
+    With an :class:`~doqproxy.cache.AnswerCache` it also caches answers, serves
+    them stale when the upstream fails, refreshes popular entries before they
+    expire, and sends identical concurrent misses upstream once.
+    """
 
     def __init__(
         self,
@@ -39,14 +69,38 @@ class Resolver:
         *,
         timeout: float = 5.0,
         opcodes: frozenset[int] = frozenset({wire.OPCODE_QUERY}),
+        cache: AnswerCache | None = None,
     ) -> None:
         self.upstream = upstream
         self.timeout = timeout
         self.opcodes = opcodes
         self.stats = ResolverStats()
+        self.cache = cache
+        self._fetches: Coalescer[Outcome] = Coalescer()
+        self._background: set[asyncio.Task[None]] = set()
+        if cache is not None:
+            cache.prefetch_hook = self._refresh
+
+    def cached_reply(self, data: bytes, *, udp: bool) -> bytes | None:
+        """The reply straight from the cache, or ``None`` if :meth:`resolve` is needed.
+
+        Synchronous, so a front end can answer hits without starting a task.
+        """
+        cache = self.cache
+        if cache is None:
+            return None
+        reply = cache.fast_reply(data, udp)
+        if reply is not None:
+            self.stats.queries += 1
+        return reply
 
     async def resolve(self, data: bytes, *, udp: bool) -> bytes | None:
         """The reply to send for ``data``, or ``None`` to send nothing."""
+        if self.cache is not None:
+            reply = self.cache.fast_reply(data, udp)
+            if reply is not None:
+                self.stats.queries += 1
+                return reply
         self.stats.queries += 1
         verdict = validate.classify(data, self.opcodes)
         if isinstance(verdict, validate.Rejected):
@@ -59,26 +113,80 @@ class Resolver:
         return await self.forward(data, verdict, udp=udp)
 
     async def forward(self, data: bytes, question: Question, *, udp: bool) -> bytes:
-        """Send a valid query upstream and shape the answer for the client."""
+        """Answer a valid query from the cache, else from the upstream."""
+        cache = self.cache
+        if cache is None:
+            return self._reply(await self._fetch(data, question), question, udp=udp)
+        stale = cache.lookup(question)
+        if stale is not None:
+            if cache.is_fresh(stale):
+                return cache.reply(stale, data, question, udp=udp)
+            if not cache.may_serve_stale(stale, question):
+                stale = None
+            elif cache.holding(stale):
+                return cache.stale_reply(stale, question, udp=udp)
+        task = self._fetches.start(
+            (cache.key(question), question.flags & wire.FLAG_RD),
+            lambda: self._fetch(data, question),
+        )
+        if stale is None:
+            return self._reply(await self._fetches.wait(task), question, udp=udp)
+        try:
+            async with asyncio.timeout(cache.settings.stale_answer_timeout):
+                outcome = await self._fetches.wait(task)
+        except TimeoutError:
+            return cache.stale_reply(stale, question, udp=udp)  # the fetch runs on
+        if isinstance(outcome, Failure) or wire.get_rcode(outcome.response) == wire.RCODE_SERVFAIL:
+            cache.hold_stale(stale)
+            return cache.stale_reply(stale, question, udp=udp)
+        return self._reply(outcome, question, udp=udp)
+
+    async def _fetch(self, data: bytes, question: Question) -> Outcome:
+        """Ask the upstream and, with a cache, keep the answer. Never raises for
+        upstream trouble: the outcome is shared by every waiter."""
         message = rewrite.upstream_query(data, question, pad_block=self.upstream.pad_block)
         try:
             async with asyncio.timeout(self.timeout):
                 response = await self.upstream.query(message, question)
             parsed = rewrite.check_response(response, question)
         except TimeoutError:
-            return self._failure(
-                question,
-                f"{self.upstream.name}: no answer within {self.timeout:g}s",
-                Ede.NO_REACHABLE_AUTHORITY,
-            )
+            reason = f"{self.upstream.name}: no answer within {self.timeout:g}s"
+            return Failure(reason, Ede.NO_REACHABLE_AUTHORITY)
         except UpstreamError as exc:
-            return self._failure(question, f"{self.upstream.name}: {exc}", exc.ede)
+            return Failure(f"{self.upstream.name}: {exc}", exc.ede)
         except rewrite.ResponseMismatch as exc:
-            return self._failure(question, f"{self.upstream.name}: {exc}", Ede.INVALID_DATA)
-        reply = rewrite.client_reply(response, parsed, question, udp=udp)
+            return Failure(f"{self.upstream.name}: {exc}", Ede.INVALID_DATA)
+        if self.cache is not None:
+            self.cache.store(question, response, parsed)
+        return Answer(response, parsed)
+
+    def _reply(self, outcome: Outcome, question: Question, *, udp: bool) -> bytes:
+        if isinstance(outcome, Failure):
+            return self._failure(question, outcome.reason, outcome.ede)
+        reply = rewrite.client_reply(outcome.response, outcome.parsed, question, udp=udp)
         rcode = wire.get_rcode(reply)
         self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
         return reply
+
+    def _refresh(self, data: bytes, question: Question) -> None:
+        """Prefetch: refresh a cache entry in the background."""
+        assert self.cache is not None
+        key = (self.cache.key(question), question.flags & wire.FLAG_RD)
+        fetch = self._fetches.start(key, lambda: self._fetch(data, question))
+        task = asyncio.get_running_loop().create_task(self._await_refresh(fetch, question))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _await_refresh(self, fetch: asyncio.Task[Outcome], question: Question) -> None:
+        outcome = await self._fetches.wait(fetch)
+        if isinstance(outcome, Failure):
+            log.info("prefetch of %s failed: %s", _name(question), outcome.reason)
+
+    async def aclose(self) -> None:
+        """Cancel background refreshes and fetches still in flight."""
+        for task in list(self._background):
+            task.cancel()
+        await self._fetches.aclose()
 
     def _failure(self, question: Question, reason: str, ede: Ede) -> bytes:
         self.stats.upstream_errors += 1
