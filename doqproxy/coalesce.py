@@ -50,6 +50,11 @@ class Coalescer(Generic[T]):
         """Wait for ``task``; cancelling the waiter (e.g. by a timeout) leaves it running."""
         return await asyncio.shield(task)
 
+    async def join(self) -> None:
+        """Wait until nothing is in flight (including work started meanwhile)."""
+        while self._inflight:
+            await asyncio.wait(list(self._inflight.values()))
+
     async def aclose(self) -> None:
         """Cancel whatever is still in flight."""
         tasks = list(self._inflight.values())

@@ -182,6 +182,13 @@ class Resolver:
         if isinstance(outcome, Failure):
             log.info("prefetch of %s failed: %s", _name(question), outcome.reason)
 
+    async def settle(self) -> None:
+        """Wait until no upstream fetch or background refresh is under way."""
+        while self._background or len(self._fetches):
+            await self._fetches.join()
+            if self._background:
+                await asyncio.wait(list(self._background))
+
     async def aclose(self) -> None:
         """Cancel background refreshes and fetches still in flight."""
         for task in list(self._background):
