@@ -6,6 +6,7 @@ import click
 
 from .forward import forward
 from .query import query
+from .query import query
 from .serve import serve
 
 
@@ -16,5 +17,6 @@ def main() -> None:
 
 
 main.add_command(forward)
+main.add_command(query)
 main.add_command(query)
 main.add_command(serve)
