@@ -6,7 +6,6 @@ import click
 
 from .forward import forward
 from .query import query
-from .query import query
 from .serve import serve
 
 
@@ -17,6 +16,5 @@ def main() -> None:
 
 
 main.add_command(forward)
-main.add_command(query)
 main.add_command(query)
 main.add_command(serve)
