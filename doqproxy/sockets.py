@@ -8,6 +8,11 @@ import socket
 from .addresses import HostPort
 
 
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+"""Bursts of small queries overflow the default ~200 KB buffer (each datagram
+costs about 1 KB of accounting), so UDP listeners ask for more."""
+
+
 class ListenError(OSError):
     """A listening socket could not be created; the message is for the user."""
 
@@ -22,6 +27,8 @@ def bind(address: HostPort, kind: socket.SocketKind, *, reuse_port: bool = False
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_DGRAM:
+            grow_receive_buffer(sock)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port))
@@ -48,3 +55,11 @@ def _explain(exc: OSError, address: HostPort, proto: str) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"cannot listen on {where}: no such local address"
     return f"cannot listen on {where}: {exc.strerror}"
+
+
+def grow_receive_buffer(sock: socket.socket, size: int = UDP_RECEIVE_BUFFER) -> None:
+    """Ask for a larger receive buffer; beyond net.core.rmem_max only with CAP_NET_ADMIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, size)
+    except (OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)

@@ -34,9 +34,9 @@ ZONE: dict[tuple[str, str], list[str]] = {
     ("a.test.", "AAAA"): ["2001:db8::1"],
     ("a.test.", "TXT"): ['"hello world"'],
     ("a.test.", "MX"): ["10 mail.a.test."],
-    ("split.test.", "TXT"): [f'"{"x" * 200}"' for _ in range(5)],
-    ("mid.test.", "TXT"): [f'"{"m" * 250}"' for _ in range(3)],
-    ("big.test.", "TXT"): [f'"{"b" * 250}"' for _ in range(64)],
+    ("split.test.", "TXT"): [f'"{i:03d}{"x" * 200}"' for i in range(5)],
+    ("mid.test.", "TXT"): [f'"{i:03d}{"m" * 247}"' for i in range(3)],
+    ("big.test.", "TXT"): [f'"{i:03d}{"b" * 247}"' for i in range(64)],
     ("slow.test.", "A"): ["192.0.2.9"],
 }
 for _i in range(64):
@@ -86,6 +86,7 @@ class _DoqServerProtocol(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self._buffers: dict[int, bytes] = {}
         self._handshake_done = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):
@@ -100,7 +101,9 @@ class _DoqServerProtocol(QuicConnectionProtocol):
             if event.end_stream:
                 del self._buffers[event.stream_id]
                 early = not self._handshake_done
-                asyncio.ensure_future(self._handle(event.stream_id, data[2:], early))
+                task = asyncio.ensure_future(self._handle(event.stream_id, data[2:], early))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, stream_id: int, wire: bytes, early: bool) -> None:
         query = dns.message.from_wire(wire)
