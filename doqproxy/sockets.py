@@ -7,7 +7,6 @@ import socket
 
 from .addresses import HostPort
 
-
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 """Bursts of small queries overflow the default ~200 KB buffer (each datagram
 costs about 1 KB of accounting), so UDP listeners ask for more."""
