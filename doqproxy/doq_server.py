@@ -85,4 +85,4 @@ class DoqServerStats:
     transport_closes: dict[int, int] = field(default_factory=dict)
 
     def count_close(self, table: dict[int, int], code: int) -> None:
-        table[code] = table.get(code, 0) + 1
+        table[int(code)] = table.get(int(code), 0) + 1

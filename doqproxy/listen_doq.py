@@ -347,8 +347,8 @@ class DoqListener:
             lambda: QuicServer(
                 configuration=self._quic_configuration,
                 create_protocol=self._new_connection,
-                session_ticket_fetcher=tickets.pop if tickets else None,
-                session_ticket_handler=tickets.add if tickets else None,
+                session_ticket_fetcher=tickets.pop if tickets is not None else None,
+                session_ticket_handler=tickets.add if tickets is not None else None,
                 retry=self.config.retry,
             ),
             sock=sock,
