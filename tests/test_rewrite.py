@@ -1,0 +1,163 @@
+"""Unit tests for doqproxy.rewrite and doqproxy.doq (no sockets)."""
+
+from __future__ import annotations
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rrset
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from doqproxy import doq, rewrite, wire
+
+
+def query(name: str = "a.test.", rdtype: str = "A", **kw: object) -> tuple[bytes, wire.Question]:
+    message = dns.message.make_query(name, rdtype, **kw)  # type: ignore[arg-type]
+    message.id = 4321
+    data = message.to_wire()
+    return data, wire.parse_question(data)
+
+
+def answer_for(data: bytes, *, records: int = 1, pad: bool = False) -> bytes:
+    q = dns.message.from_wire(data)
+    response = dns.message.make_response(q)
+    response.id = 0
+    for i in range(records):
+        response.answer.append(
+            dns.rrset.from_text(q.question[0].name, 60, "IN", "TXT", f'"{i:04d}{"x" * 100}"')
+        )
+    if pad and response.edns >= 0:
+        response.use_edns(0, options=[dns.edns.GenericOption(12, b"\x00" * 30)])
+    return response.to_wire(max_size=65535)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=60),
+    st.booleans(),
+    st.sampled_from([None, 128, 468]),
+)
+def test_upstream_query_padding_and_id(label: str, edns: bool, block: int | None) -> None:
+    kw = {"use_edns": 0} if edns else {}
+    data, q = query(f"{label}.test.", **kw)
+    out = rewrite.upstream_query(data, q, pad_block=block)
+    assert out[:2] == b"\x00\x00"
+    parsed = dns.message.from_wire(out)
+    assert parsed.question == dns.message.from_wire(data).question
+    if block:
+        assert len(out) % block == 0
+    elif not edns:
+        assert out[2:] == data[2:]
+
+
+def test_upstream_query_strips_keepalive_keeps_cookie() -> None:
+    keepalive = dns.edns.GenericOption(11, b"")
+    cookie = dns.edns.GenericOption(10, b"abcdefgh")
+    data, q = query(use_edns=0, options=[keepalive, cookie])
+    for block in (None, 128):
+        out = dns.message.from_wire(rewrite.upstream_query(data, q, pad_block=block))
+        codes = [o.otype for o in out.options]
+        assert 11 not in codes and 10 in codes
+
+
+def test_client_reply_restores_id_case_and_strips_padding() -> None:
+    data, q = query("MiXeD.TeSt.", use_edns=0, payload=4096)
+    upstream_answer = answer_for(rewrite.upstream_query(data, q, pad_block=128), pad=True)
+    parsed = rewrite.check_response(upstream_answer, q)
+    reply = rewrite.client_reply(upstream_answer, parsed, q, udp=True)
+    message = dns.message.from_wire(reply)
+    assert message.id == 4321
+    assert message.question[0].name.to_text() == "MiXeD.TeSt."
+    assert message.payload == rewrite.OUR_UDP_PAYLOAD
+    assert not [o for o in message.options if o.otype == 12]
+
+
+def test_client_reply_removes_opt_the_client_did_not_send() -> None:
+    data, q = query()
+    upstream_answer = answer_for(rewrite.upstream_query(data, q, pad_block=128))
+    parsed = rewrite.check_response(upstream_answer, q)
+    message = dns.message.from_wire(rewrite.client_reply(upstream_answer, parsed, q, udp=True))
+    assert message.edns == -1 and len(message.answer) == 1
+
+
+def test_client_reply_truncates_only_over_udp() -> None:
+    data, q = query(rdtype="TXT", use_edns=0, payload=1232)
+    big = answer_for(data, records=20)
+    parsed = rewrite.check_response(big, q)
+    udp_reply = dns.message.from_wire(rewrite.client_reply(big, parsed, q, udp=True))
+    assert udp_reply.flags & dns.flags.TC and not udp_reply.answer and udp_reply.edns == 0
+    tcp_reply = dns.message.from_wire(rewrite.client_reply(big, parsed, q, udp=False))
+    assert len(tcp_reply.answer[0]) == 20
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda b: b[:2] + bytes([b[2] & 0x7F]) + b[3:],  # QR=0
+        lambda b: b.replace(b"\x01a\x04test", b"\x01b\x04test", 1),  # other name
+        lambda b: b[:-3],  # truncated
+    ],
+)
+def test_check_response_rejects(mutate) -> None:  # type: ignore[no-untyped-def]
+    data, q = query()
+    with pytest.raises(rewrite.ResponseMismatch):
+        rewrite.check_response(mutate(answer_for(data)), q)
+
+
+def test_check_response_is_case_insensitive() -> None:
+    _, q = query("A.TEST.")
+    lower_data, _ = query("a.test.")
+    rewrite.check_response(answer_for(lower_data), q)
+
+
+def test_pad_response_to_468() -> None:
+    data, _ = query(use_edns=0)
+    padded = rewrite.pad_response(answer_for(data))
+    assert len(padded) % 468 == 0
+    assert dns.message.from_wire(padded).answer
+
+
+def test_stream_reader_reassembles_any_split() -> None:
+    message = b"\x00\x00" + b"z" * 100
+    framed = doq.frame(message)
+    for cut in range(1, len(framed)):
+        reader = doq.StreamReader()
+        assert reader.feed(framed[:cut], False) is None
+        assert reader.feed(framed[cut:], True) == message
+
+
+@pytest.mark.parametrize(
+    ("chunks", "error"),
+    [
+        ([(b"\x00\x00", False)], "zero-length"),
+        ([(b"\x00\x05abc", True)], "ended before"),
+        ([(b"\x00", True)], "ended before"),
+        ([(b"\x00\x02ab\x00\x02cd", True)], "more than one"),
+        ([(b"\x00\x02ab", False), (b"x", True)], "more than one"),
+    ],
+)
+def test_stream_reader_protocol_errors(chunks: list[tuple[bytes, bool]], error: str) -> None:
+    reader = doq.StreamReader()
+    with pytest.raises(doq.DoqProtocolError, match=error):
+        for data, end in chunks:
+            reader.feed(data, end)
+
+
+def test_check_doq_query() -> None:
+    data, q = query()
+    with pytest.raises(doq.DoqProtocolError, match="ID"):
+        doq.check_doq_query(q)
+    zero = wire.parse_question(b"\x00\x00" + data[2:])
+    doq.check_doq_query(zero)
+    ka, _ = query(use_edns=0, options=[dns.edns.GenericOption(11, b"")])
+    with pytest.raises(doq.DoqProtocolError, match="keepalive"):
+        doq.check_doq_query(wire.parse_question(b"\x00\x00" + ka[2:]))
+
+
+def test_frame_limits() -> None:
+    with pytest.raises(ValueError):
+        doq.frame(b"")
+    with pytest.raises(ValueError):
+        doq.frame(b"x" * 65536)
