@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
@@ -295,6 +296,8 @@ class PlainServerState:
     """What the plain server saw: (transport, message ID, name) per query."""
 
     seen: list[tuple[str, int, str]] = field(default_factory=list)
+    padded: list[bool] = field(default_factory=list)
+    """Per query: did it carry an EDNS Padding option?"""
 
 
 def plain_answer(wire: bytes, transport: str, state: PlainServerState) -> list[bytes]:
@@ -303,14 +306,15 @@ def plain_answer(wire: bytes, transport: str, state: PlainServerState) -> list[b
     query_message = dns.message.from_wire(wire)
     name = query_message.question[0].name.to_text()
     state.seen.append((transport, query_message.id, name))
+    state.padded.append(any(option.otype == dns.edns.PADDING for option in query_message.options))
     response = dns.message.make_response(query_message)
     if name == "big.plain.test." and transport == "udp":
         response.flags |= dns.flags.TC
         return [response.to_wire()]
     if name == "big.plain.test.":
-        strings = " ".join(f'"{"x" * 200}"' for _ in range(4))
-        response.answer.append(dns.rrset.from_text(name, 60, "IN", "TXT", strings, strings))
-        return [response.to_wire()]
+        first, second = (" ".join(f'"{c * 200}"' for _ in range(4)) for c in "xy")
+        response.answer.append(dns.rrset.from_text(name, 60, "IN", "TXT", first, second))
+        return [response.to_wire(max_size=65535)]
     if name.endswith("plain.test."):
         response.answer.append(dns.rrset.from_text(name, 60, "IN", "A", "198.51.100.7"))
     else:
