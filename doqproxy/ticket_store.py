@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from aioquic.tls import SessionTicket
 from cachetools import TTLCache
 
@@ -16,11 +19,18 @@ class TicketStore:
     and clients then fall back to a full handshake.
     """
 
-    def __init__(self, lifetime: float, max_tickets: int = 10_000) -> None:
+    def __init__(
+        self,
+        lifetime: float,
+        max_tickets: int = 10_000,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         if lifetime <= 0:
             raise ValueError("ticket lifetime must be positive")
         self.lifetime = lifetime
-        self._tickets: TTLCache[bytes, SessionTicket] = TTLCache(maxsize=max_tickets, ttl=lifetime)
+        self._tickets: TTLCache[bytes, SessionTicket] = TTLCache(
+            maxsize=max_tickets, ttl=lifetime, timer=timer
+        )
         self.issued = 0
         self.resumed = 0
 
