@@ -200,14 +200,18 @@ class AnswerCache:
         if age >= entry.ttl * self._prefetch_at and not entry.refreshing:
             self._prefetch(entry, data, None)
         self.stats.hits += 1
-        return entry.compose(
-            data[:2],
-            data[2] & 1,
-            data[12:end],
-            edns=edns,
-            limit=limit,
-            body=entry.body(int(age)),
-        )
+        sec = int(age)
+        body = entry.rendered if entry.rendered_age == sec else entry.body(sec)
+        if edns:
+            head, opt = entry.head_edns, entry.opt
+        else:
+            head, opt = entry.head, b""
+        if (head[0] ^ data[2]) & 1 or end + len(body) + len(opt) > limit:
+            # RD differs from the stored answer's, or the reply must be truncated.
+            return entry.compose(
+                data[:2], data[2] & 1, data[12:end], edns=edns, limit=limit, body=body
+            )
+        return b"".join((data[:2], head, data[12:end], body, opt))
 
     # --- the long way ----------------------------------------------------------
 

@@ -64,6 +64,7 @@ class CacheEntry:
 
     __slots__ = (
         "head",
+        "head_edns",
         "nx_by_name",
         "opt",
         "refreshing",
@@ -91,6 +92,8 @@ class CacheEntry:
     ) -> None:
         self.head = head
         """Header octets 2-11 (flags and counts) without OPT in ARCOUNT."""
+        self.head_edns = _shared(head[:8] + _U16.pack(((head[8] << 8) | head[9]) + 1))
+        """:attr:`head` with OPT counted in ARCOUNT."""
         self.template = template
         """The records after the question, OPT removed, TTLs as served at age 0."""
         self.ttl_offsets = ttl_offsets
@@ -110,7 +113,7 @@ class CacheEntry:
         self.retry_at = 0.0
         """Serving stale after an upstream failure: don't ask upstream again before this."""
         self.stale_body: bytes | None = None
-        self.size = ENTRY_OVERHEAD + 2 * len(template) + len(head) + len(opt)
+        self.size = ENTRY_OVERHEAD + 2 * len(template) + len(opt)
         """Estimated memory cost in bytes, for the cache's byte bound."""
 
     def body(self, age: int) -> bytes:
@@ -152,11 +155,10 @@ class CacheEntry:
         head = self.head
         opt = b""
         if edns:
+            head = self.head_edns
             opt = self.opt
             if ede_stale:
                 opt = opt[:9] + _U16.pack(len(opt) - 11 + len(_EDE_STALE)) + opt[11:] + _EDE_STALE
-            ar = ((head[8] << 8) | head[9]) + 1
-            head = head[:8] + _U16.pack(ar)
         if (head[0] ^ rd) & 1:
             head = bytes((head[0] ^ 1,)) + head[1:]
         if 12 + len(question) + len(body) + len(opt) > limit:
