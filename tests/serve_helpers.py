@@ -249,10 +249,16 @@ class RawConnection:
     client: RawDoqClient
     transport: asyncio.DatagramTransport
     tickets: list[SessionTicket] = field(default_factory=list)
+    ticket_arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def close(self) -> None:
         self.client.close()
         self.transport.close()
+
+    async def ticket(self, within: float = 5.0) -> SessionTicket:
+        """The newest session ticket, waiting for one to arrive (it follows the handshake)."""
+        await asyncio.wait_for(self.ticket_arrived.wait(), within)
+        return self.tickets[-1]
 
 
 async def open_raw(
@@ -266,9 +272,13 @@ async def open_raw(
     goes out, so they travel as 0-RTT data when the configuration carries a ticket."""
     loop = asyncio.get_running_loop()
     tickets: list[SessionTicket] = []
-    quic = QuicConnection(
-        configuration=replace(configuration), session_ticket_handler=tickets.append
-    )
+    arrived = asyncio.Event()
+
+    def new_ticket(ticket: SessionTicket) -> None:
+        tickets.append(ticket)
+        arrived.set()
+
+    quic = QuicConnection(configuration=replace(configuration), session_ticket_handler=new_ticket)
     transport, client = await loop.create_datagram_endpoint(
         lambda: RawDoqClient(quic), remote_addr=("127.0.0.1", port)
     )
@@ -278,7 +288,7 @@ async def open_raw(
     client.transmit()
     if wait:
         await asyncio.wait_for(asyncio.shield(client.handshake), 5.0)
-    return RawConnection(client, transport, tickets)
+    return RawConnection(client, transport, tickets, arrived)
 
 
 def query(name: str, rdtype: str = "A", **kwargs: object) -> dns.message.Message:

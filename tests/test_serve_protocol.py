@@ -162,9 +162,8 @@ async def test_zero_rtt_replayable_answered_update_refused(
 ) -> None:
     first = await connect(server, serve_certs)
     assert rdatas(await first.client.ask(query("www.example.test"))) == ["192.0.2.80"]
+    ticket = await first.ticket()
     first.close()
-    assert first.tickets, "the server issued no session ticket"
-    ticket = first.tickets[-1]
     assert ticket.max_early_data_size == 0xFFFFFFFF
 
     sids: list[int] = []
@@ -178,6 +177,7 @@ async def test_zero_rtt_replayable_answered_update_refused(
         assert handshake.session_resumed
         assert handshake.early_data_accepted
         assert rdatas(dns.message.from_wire(await early.client.answer(sids[0]))) == ["192.0.2.25"]
+        next_ticket = await early.ticket()
     finally:
         early.close()
 
@@ -188,7 +188,7 @@ async def test_zero_rtt_replayable_answered_update_refused(
     sids.clear()
     refused = await open_raw(
         server.port,
-        client_configuration(serve_certs.ca_file, ticket=early.tickets[-1]),
+        client_configuration(serve_certs.ca_file, ticket=next_ticket),
         early=lambda client: sids.append(client.send_query(update.to_wire())),
     )
     try:
