@@ -33,5 +33,10 @@ lint: venv
 test: venv debian-tools lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+# One command, offline, no root: serve a demo zone over DoQ, forward to it, ask it.
+DEMO_PORT ?= 5353
+demo: venv
+	$(PY) contrib/demo/run_demo.py --port $(DEMO_PORT)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
