@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import runtime
@@ -13,9 +14,12 @@ from .doq_client import client_configuration
 from .inflight import InFlight
 from .listen_tcp import TcpFrontEnd, TcpLimits
 from .listen_udp import UdpFrontEnd
+from .operations import Operations, OpsSettings
 from .pool import DoqUpstream, PoolSettings
+from .reload import Reloader
 from .resolver import Resolver
 from .sockets import bind
+from .systemd import Activated
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class ForwardSettings:
     padding: bool = True
     tcp: TcpLimits = field(default_factory=TcpLimits)
     pool: PoolSettings = field(default_factory=PoolSettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
 
 
 def bind_all(settings: ForwardSettings) -> list[tuple[socket.socket, socket.socket]]:
@@ -71,29 +76,54 @@ def make_upstream(settings: ForwardSettings) -> DoqUpstream:
 
 
 async def serve(
-    settings: ForwardSettings, sockets: list[tuple[socket.socket, socket.socket]]
+    settings: ForwardSettings,
+    sockets: list[tuple[socket.socket, socket.socket]] | Activated,
+    reload: Callable[[], ForwardSettings] | None = None,
 ) -> int:
-    """Serve until SIGINT/SIGTERM, then drain and close. Returns the exit status."""
+    """Serve until SIGINT/SIGTERM, then drain and close. Returns the exit status.
+
+    ``sockets`` are bound pairs from :func:`bind_all` or systemd's; ``reload``
+    re-reads the configuration on SIGHUP.
+    """
     loop = asyncio.get_running_loop()
     stop = runtime.stop_event()
+    ops = Operations(settings.ops)
     upstream = make_upstream(settings)
-    resolver = Resolver(upstream, timeout=settings.timeout)
+    resolver = Resolver(ops.wrap_upstream(upstream), timeout=settings.timeout)
+    front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()
-    tcp_front = TcpFrontEnd(resolver, inflight, settings.tcp)
+    tcp_front = TcpFrontEnd(front_resolver, inflight, settings.tcp)
     udp_fronts: list[UdpFrontEnd] = []
     servers: list[asyncio.base_events.Server] = []
-    for udp_sock, tcp_sock in sockets:
-        front = UdpFrontEnd(resolver, inflight)
+    if isinstance(sockets, Activated):
+        udp_socks, tcp_socks = list(sockets.udp), list(sockets.tcp)
+    else:
+        udp_socks, tcp_socks = [u for u, _ in sockets], [t for _, t in sockets]
+    for udp_sock in udp_socks:
+        front = UdpFrontEnd(front_resolver, inflight)
         await loop.create_datagram_endpoint(lambda front=front: front, sock=udp_sock)  # type: ignore[misc]
         udp_fronts.append(front)
+    for tcp_sock in tcp_socks:
         servers.append(await asyncio.start_server(tcp_front.handle, sock=tcp_sock))
     log.info(
         "listening on %s, forwarding to %s",
-        ", ".join(str(a) for a in settings.listen),
+        ", ".join(_sockname(s) for s in (*udp_socks, *tcp_socks)),
         upstream.name,
     )
+    reloader = None
+    if reload is not None:
+        reloader = Reloader(settings, reload, make_upstream, ops, resolver)
+        ops.on_reload = reloader
+    status = 0
+    try:
+        ops.start(resolver, upstream, inflight)
+    except OSError as exc:
+        log.error("cannot listen for metrics on %s: %s", settings.ops.metrics_listen, exc.strerror)
+        status = 1
+        stop.set()
     await stop.wait()
     log.info("shutting down")
+    ops.stopping()
     for server in servers:
         server.close()
     for front in udp_fronts:
@@ -105,5 +135,14 @@ async def serve(
     for front in udp_fronts:
         if front.transport is not None:
             front.transport.close()
-    await upstream.aclose()
-    return 0
+    if reloader is not None:
+        await reloader.aclose()
+    await ops.close()
+    await (ops.upstream or upstream).aclose()
+    return status
+
+
+def _sockname(sock: socket.socket) -> str:
+    kind = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
+    host, port = sock.getsockname()[:2]
+    return f"{kind} [{host}]:{port}" if ":" in host else f"{kind} {host}:{port}"

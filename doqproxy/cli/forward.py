@@ -6,9 +6,11 @@ import os
 
 import click
 
-from .. import forwarder, runtime
+from .. import forwarder, runtime, systemd
 from ..addresses import AddressError, parse_listen, parse_upstream
 from ..listen_tcp import TcpLimits
+from ..operations import OpsSettings
+from ..privileges import PrivilegeError, drop_privileges
 from ..sockets import ListenError
 
 
@@ -72,6 +74,21 @@ from ..sockets import ListenError
     show_default=True,
     help="Client TCP connections from one IP address.",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="ADDR:PORT",
+    help="Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9153).",
+)
+@click.option(
+    "--query-log",
+    metavar="PATH|-",
+    help="Log every query as a JSON line to PATH (appended; reopened on SIGHUP) or - (stdout).",
+)
+@click.option(
+    "--user",
+    metavar="NAME",
+    help="Switch to this user after binding when started as root (not needed under systemd).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
@@ -84,6 +101,9 @@ def forward(
     tcp_message_timeout: float,
     tcp_max_connections: int,
     tcp_max_connections_per_ip: int,
+    metrics_listen: str | None,
+    query_log: str | None,
+    user: str | None,
     verbose: int,
 ) -> None:
     """Forward plain DNS (UDP and TCP) to a DNS-over-QUIC upstream.
@@ -99,6 +119,10 @@ def forward(
         raise click.ClickException(str(exc)) from None
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
+    try:
+        metrics_address = parse_listen(metrics_listen, 9153) if metrics_listen else None
+    except AddressError as exc:
+        raise click.ClickException(f"--metrics-listen: {exc}") from None
     settings = forwarder.ForwardSettings(
         listen=addresses,
         upstream=url,
@@ -112,12 +136,22 @@ def forward(
             max_connections=tcp_max_connections,
             max_connections_per_ip=tcp_max_connections_per_ip,
         ),
+        ops=OpsSettings(
+            metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
+        ),
     )
     runtime.setup_logging(verbose)
     try:
-        sockets = forwarder.bind_all(settings)
+        sockets = systemd.listen_sockets() or forwarder.bind_all(settings)
+    except systemd.ActivationError as exc:
+        raise click.ClickException(f"socket activation: {exc}") from None
     except ListenError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None
+    if user is not None:
+        try:
+            drop_privileges(user)
+        except PrivilegeError as exc:
+            raise click.ClickException(str(exc)) from None
     raise SystemExit(runtime.run(lambda: forwarder.serve(settings, sockets)))
 
 

@@ -1,0 +1,195 @@
+"""Prometheus metrics for ``doqproxy forward --metrics-listen``.
+
+One custom collector reads the counters that the resolver, cache and pool keep
+anyway (plain integers in their stats dataclasses) at scrape time, so metrics
+cost nothing per query beyond what :mod:`doqproxy.observe` adds for the
+per-(transport, qtype, rcode) counts and the latency histogram. The HTTP server
+is prometheus-client's own, on a daemon thread; the collector only reads ints
+and copies dicts, both atomic under the GIL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .addresses import HostPort
+from .cache import AnswerCache
+from .observe import LatencyHistogram, Observations
+from .pool import DoqUpstream
+from .resolver import Resolver
+
+_DOQ_CODES = {
+    0x0: "NO_ERROR",
+    0x1: "INTERNAL_ERROR",
+    0x2: "PROTOCOL_ERROR",
+    0x3: "REQUEST_CANCELLED",
+    0x4: "EXCESSIVE_LOAD",
+    0x5: "UNSPECIFIED_ERROR",
+}
+
+
+@dataclass(slots=True)
+class Sources:
+    """Where the collector reads from; each is looked up at scrape time, so a reload
+    that swaps the upstream is picked up without re-registering."""
+
+    resolver: Callable[[], Resolver]
+    upstream: Callable[[], DoqUpstream]
+    latency: Callable[[], dict[str, LatencyHistogram]]
+    observations: Observations
+    in_flight: Callable[[], int]
+
+
+def close_code_label(code: int) -> str:
+    """DoQ application codes by name; QUIC transport / TLS codes as hex."""
+    if code in _DOQ_CODES:
+        return _DOQ_CODES[code]
+    return f"{code:#x}"
+
+
+class ForwardCollector(Collector):
+    """Exposes the forwarder's stats dataclasses as Prometheus metrics."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._queries()
+        yield from self._cache(self.sources.resolver().cache)
+        yield from self._pool(self.sources.upstream())
+        yield from self._latency()
+        in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
+        in_flight.add_metric([], self.sources.in_flight())
+        yield in_flight
+
+    def _queries(self) -> Iterator[Metric]:
+        stats = self.sources.resolver().stats
+        answers = CounterMetricFamily(
+            "doqproxy_queries",
+            "Queries answered, by client transport, query type and response code.",
+            labels=["transport", "qtype", "rcode"],
+        )
+        for (transport, qtype, rcode), count in dict(self.sources.observations.answers).items():
+            answers.add_metric([transport, qtype, rcode], count)
+        yield answers
+        for name, value, text in (
+            ("received", stats.queries, "Queries handed to the resolver."),
+            ("dropped", stats.dropped, "Queries dropped without an answer (malformed)."),
+            ("rejected", stats.rejected, "Queries refused before the upstream (FORMERR etc.)."),
+            ("upstream_errors", stats.upstream_errors, "Queries answered SERVFAIL for an "
+             "upstream failure."),
+        ):  # fmt: skip
+            metric = CounterMetricFamily(f"doqproxy_resolver_{name}", text)
+            metric.add_metric([], value)
+            yield metric
+
+    def _cache(self, cache: AnswerCache | None) -> Iterator[Metric]:
+        if cache is None:
+            return
+        stats = cache.stats
+        for name, value, text in (
+            ("hits", stats.hits, "Answers served fresh from the cache."),
+            ("misses", stats.misses, "Lookups that found nothing usable."),
+            ("stale", stats.stale, "Answers served stale (RFC 8767)."),
+            ("prefetches", stats.prefetches, "Entries refreshed before they expired."),
+            ("stored", stats.stored, "Answers stored."),
+        ):
+            metric = CounterMetricFamily(f"doqproxy_cache_{name}", text)
+            metric.add_metric([], value)
+            yield metric
+        entries = GaugeMetricFamily("doqproxy_cache_entries", "Entries in the cache.")
+        entries.add_metric([], len(cache))
+        yield entries
+
+    def _pool(self, upstream: DoqUpstream) -> Iterator[Metric]:
+        stats = upstream.stats
+        label = [upstream.name]
+        for name, value, text in (
+            ("connections_opened", stats.connections_opened, "QUIC connections opened."),
+            ("handshakes", stats.handshakes, "Completed QUIC handshakes."),
+            ("sessions_resumed", stats.sessions_resumed, "Handshakes that resumed a session."),
+            ("early_data_attempted", stats.early_data_sent, "Connections that sent 0-RTT data."),
+            ("early_data_accepted", stats.early_data_accepted, "0-RTT data the server accepted."),
+            ("retries", stats.retries, "Queries retried on a fresh connection."),
+            ("connect_failures", stats.connect_failures, "Connections that never came up."),
+        ):
+            metric = CounterMetricFamily(f"doqproxy_upstream_{name}", text, labels=["upstream"])
+            metric.add_metric(label, value)
+            yield metric
+        closes = CounterMetricFamily(
+            "doqproxy_upstream_connection_closes",
+            "Upstream connections closed, by error code (DoQ names; QUIC/TLS codes in hex).",
+            labels=["upstream", "code"],
+        )
+        for code, count in dict(stats.closes_by_code).items():
+            closes.add_metric([upstream.name, close_code_label(code)], count)
+        yield closes
+        connections = upstream.connections
+        pool = GaugeMetricFamily(
+            "doqproxy_upstream_connections", "Open upstream connections.", labels=["upstream"]
+        )
+        pool.add_metric(label, len(connections))
+        yield pool
+        streams = GaugeMetricFamily(
+            "doqproxy_upstream_streams_in_flight",
+            "Queries waiting on upstream streams.",
+            labels=["upstream"],
+        )
+        streams.add_metric(label, sum(conn.in_flight for conn in connections))
+        yield streams
+
+    def _latency(self) -> Iterator[Metric]:
+        histograms = dict(self.sources.latency())
+        latency = HistogramMetricFamily(
+            "doqproxy_upstream_latency_seconds",
+            "Time from sending a query upstream to its answer.",
+            labels=["upstream"],
+        )
+        errors = CounterMetricFamily(
+            "doqproxy_upstream_query_errors",
+            "Upstream queries that failed (timeouts are not counted here).",
+            labels=["upstream"],
+        )
+        for name, histogram in histograms.items():
+            latency.add_metric([name], histogram.cumulative(), histogram.total)
+            errors.add_metric([name], histogram.errors)
+        yield latency
+        yield errors
+
+
+class MetricsServer:
+    """prometheus-client's HTTP server for one registry holding :class:`ForwardCollector`."""
+
+    def __init__(self, address: HostPort, sources: Sources) -> None:
+        self.address = address
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ForwardCollector(sources))
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve on a daemon thread; raises OSError when it cannot bind."""
+        server, thread = start_http_server(
+            self.address.port, addr=self.address.host, registry=self.registry
+        )
+        self._server, self._thread = server, thread
+        host, port = server.socket.getsockname()[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

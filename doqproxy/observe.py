@@ -1,0 +1,235 @@
+"""Per-query observation for metrics and the query log, off the hot path unless asked for.
+
+Nothing here is installed unless ``--metrics-listen`` or ``--query-log`` is
+given; then :class:`ObservedResolver` sits between the front ends and the
+:class:`~doqproxy.resolver.Resolver` and :class:`TimedUpstream` between the
+resolver and the upstream. Metrics that the resolver, cache and pool already
+count are read from their stats at scrape time instead (:mod:`doqproxy.metrics`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import dns.rcode
+import dns.rdatatype
+
+from .resolver import Resolver
+from .upstream import Upstream
+from .wire import Question
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Upper bounds, in seconds, of the upstream latency histogram (plus +Inf)."""
+
+_EDE_STALE = b"\x00\x0f\x00\x02\x00\x03"
+"""EDE option 15, length 2, INFO-CODE 3 (Stale Answer): the cache appends it last."""
+
+
+@dataclass(slots=True)
+class LatencyHistogram:
+    """A Prometheus-style histogram kept as plain integers."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    errors: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, cumulative count) pairs ending with ``+Inf``."""
+        running = 0
+        out = []
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class TimedUpstream:
+    """Wraps an :class:`~doqproxy.upstream.Upstream` and times each query into a histogram."""
+
+    def __init__(self, inner: Upstream, histogram: LatencyHistogram) -> None:
+        self.inner = inner
+        self.histogram = histogram
+        self.name = inner.name
+        self.pad_block = inner.pad_block
+
+    async def query(self, message: bytes, question: Question) -> bytes:
+        started = time.monotonic()
+        try:
+            answer = await self.inner.query(message, question)
+        except Exception:
+            self.histogram.errors += 1
+            raise
+        self.histogram.observe(time.monotonic() - started)
+        return answer
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def parse_question(data: bytes) -> tuple[str, str] | None:
+    """(qname, qtype) as text from a raw query, or ``None`` if it has no sane question."""
+    pos, end = 12, len(data)
+    labels = []
+    while pos < end:
+        length = data[pos]
+        if length == 0:
+            break
+        if length & 0xC0:
+            return None
+        labels.append(data[pos + 1 : pos + 1 + length].decode("ascii", "backslashreplace"))
+        pos += 1 + length
+    else:
+        return None
+    if pos + 3 > end or data[5] == 0:
+        return None
+    qtype = int.from_bytes(data[pos + 1 : pos + 3], "big")
+    return ".".join(labels) + ".", _qtype_text(qtype)
+
+
+_QTYPES: dict[int, str] = {}
+
+
+def _qtype_text(qtype: int) -> str:
+    text = _QTYPES.get(qtype)
+    if text is None:
+        text = dns.rdatatype.to_text(qtype)  # type: ignore[arg-type]
+        if len(_QTYPES) < 1024:
+            _QTYPES[qtype] = text
+    return text
+
+
+def rcode_text(reply: bytes | None) -> str:
+    if reply is None or len(reply) < 4:
+        return "DROPPED"
+    return dns.rcode.to_text(reply[3] & 0x0F)  # type: ignore[arg-type]
+
+
+class QueryLog:
+    """JSON lines, one per answered query, to a file (appended) or ``-`` for stdout."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._stream: IO[str] = self._open()
+
+    def _open(self) -> IO[str]:
+        if self.target == "-":
+            return sys.stdout
+        return open(self.target, "a", buffering=1, encoding="utf-8")
+
+    def reopen(self) -> None:
+        """For log rotation (SIGHUP): close and open the path again."""
+        if self.target != "-":
+            old, self._stream = self._stream, self._open()
+            old.close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+            if self.target == "-":
+                self._stream.flush()
+        except (OSError, ValueError) as exc:
+            log.warning("query log %s: %s", self.target, exc)
+
+    def close(self) -> None:
+        if self.target != "-":
+            self._stream.close()
+
+
+@dataclass(slots=True)
+class Observations:
+    """What :class:`ObservedResolver` counts: answers by (transport, qtype, rcode)."""
+
+    answers: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    query_log: QueryLog | None = None
+    count: bool = True
+
+
+class ObservedResolver:
+    """Looks like a :class:`~doqproxy.resolver.Resolver` to the front ends and records
+    each query's outcome before returning it.
+
+    Cache status: ``hit`` is a fast-path cache hit, ``stale`` an answer carrying
+    EDE 3 (only visible when the client used EDNS), ``miss`` anything else the
+    cache did not answer up front; ``null`` when there is no cache.
+    """
+
+    def __init__(self, resolver: Resolver, observations: Observations) -> None:
+        self.resolver = resolver
+        self.observations = observations
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.resolver, name)
+
+    def cached_reply(self, data: bytes, *, udp: bool, client: Any = None) -> bytes | None:
+        reply = self.resolver.cached_reply(data, udp=udp)
+        if reply is not None:
+            self._record(data, reply, udp, "hit", time.monotonic(), client)
+        return reply
+
+    async def resolve(self, data: bytes, *, udp: bool, client: Any = None) -> bytes | None:
+        started = time.monotonic()
+        reply = self.resolver.cached_reply(data, udp=udp)
+        if reply is not None:
+            self._record(data, reply, udp, "hit", started, client)
+            return reply
+        reply = await self.resolver.resolve(data, udp=udp)
+        status: str | None = None
+        if self.resolver.cache is not None:
+            status = "stale" if reply is not None and reply.endswith(_EDE_STALE) else "miss"
+        self._record(data, reply, udp, status, started, client)
+        return reply
+
+    def _record(
+        self,
+        data: bytes,
+        reply: bytes | None,
+        udp: bool,
+        cache: str | None,
+        started: float,
+        client: Any,
+    ) -> None:
+        observations = self.observations
+        question = parse_question(data)
+        qname, qtype = question if question is not None else (None, "NONE")
+        transport = "udp" if udp else "tcp"
+        rcode = rcode_text(reply)
+        if observations.count:
+            key = (transport, qtype, rcode)
+            observations.answers[key] = observations.answers.get(key, 0) + 1
+        query_log = observations.query_log
+        if query_log is None:
+            return
+        now = datetime.datetime.now(datetime.UTC)
+        query_log.write(
+            {
+                "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "client": _client_text(client),
+                "transport": transport,
+                "qname": qname,
+                "qtype": qtype,
+                "rcode": rcode,
+                "cache": cache,
+                "upstream": None if cache == "hit" else self.resolver.upstream.name,
+                "latency_ms": round((time.monotonic() - started) * 1000, 3),
+            }
+        )
+
+
+def _client_text(client: Any) -> str | None:
+    if isinstance(client, tuple) and len(client) >= 2:
+        host, port = client[0], client[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return None if client is None else str(client)

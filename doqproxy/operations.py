@@ -1,0 +1,178 @@
+"""What a long-running ``doqproxy forward`` does besides answering queries.
+
+sd_notify (READY, STATUS, WATCHDOG, STOPPING), the metrics endpoint, the query
+log, and the signals: SIGHUP reloads the configuration, SIGUSR1 logs a stats
+summary. :func:`doqproxy.forwarder.serve` creates one :class:`Operations` and
+calls it at start, on reload and at shutdown; each feature is inert when off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .addresses import HostPort
+from .inflight import InFlight
+from .observe import LatencyHistogram, Observations, ObservedResolver, QueryLog, TimedUpstream
+from .pool import DoqUpstream
+from .resolver import Resolver
+from .systemd import Notifier
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+STATUS_INTERVAL = 10.0
+"""Seconds between STATUS= updates when there is no watchdog to piggyback on."""
+
+
+@dataclass(slots=True, frozen=True)
+class OpsSettings:
+    """The ``forward`` options that are about running it, not about DNS."""
+
+    metrics_listen: HostPort | None = None
+    query_log: str | None = None
+    user: str | None = None
+    verbose: int = 0
+
+
+def log_level(verbose: int) -> int:
+    return logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+
+
+class Operations:
+    """Runs the operational side of one forwarder process."""
+
+    def __init__(self, settings: OpsSettings, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.latency: dict[str, LatencyHistogram] = {}
+        self.observations = Observations(count=settings.metrics_listen is not None)
+        self.resolver: Resolver | None = None
+        self.upstream: DoqUpstream | None = None
+        self.inflight: InFlight | None = None
+        self.on_reload: Callable[[], object] | None = None
+        self._metrics: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.metrics_address: tuple[str, int] | None = None
+
+    @property
+    def observing(self) -> bool:
+        return self.settings.metrics_listen is not None or self.settings.query_log is not None
+
+    def wrap_upstream(self, upstream: Upstream) -> Upstream:
+        """Time upstream queries when metrics are on; otherwise ``upstream`` itself."""
+        if self.settings.metrics_listen is None:
+            return upstream
+        histogram = self.latency.setdefault(upstream.name, LatencyHistogram())
+        return TimedUpstream(upstream, histogram)
+
+    def front_resolver(self, resolver: Resolver) -> Resolver:
+        """What the front ends should call: ``resolver``, or an observing facade."""
+        if not self.observing:
+            return resolver
+        return cast(Resolver, ObservedResolver(resolver, self.observations))
+
+    def start(self, resolver: Resolver, upstream: DoqUpstream, inflight: InFlight) -> None:
+        """Called once the listeners are up (raises OSError if metrics cannot bind)."""
+        self.resolver, self.upstream, self.inflight = resolver, upstream, inflight
+        if self.settings.query_log is not None:
+            self.observations.query_log = QueryLog(self.settings.query_log)
+        if self.settings.metrics_listen is not None:
+            self._start_metrics(self.settings.metrics_listen)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("%s", self.summary()))
+        self.notifier.ready(self.summary())
+        if self.notifier.enabled:
+            self._spawn(self._heartbeat())
+
+    def _start_metrics(self, address: HostPort) -> None:
+        from .metrics import MetricsServer, Sources  # prometheus-client only when asked for
+
+        sources = Sources(
+            resolver=lambda: cast(Resolver, self.resolver),
+            upstream=lambda: cast(DoqUpstream, self.upstream),
+            latency=lambda: self.latency,
+            observations=self.observations,
+            in_flight=lambda: len(self.inflight) if self.inflight is not None else 0,
+        )
+        self._metrics = MetricsServer(address, sources)
+        self.metrics_address = self._metrics.start()
+        log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+
+    def summary(self) -> str:
+        """One line of live counts, for STATUS= and SIGUSR1."""
+        parts = []
+        resolver, upstream = self.resolver, self.upstream
+        if resolver is not None:
+            stats = resolver.stats
+            servfail = stats.rcodes.get(2, 0)
+            parts.append(f"queries {stats.queries}, SERVFAIL {servfail}")
+            if resolver.cache is not None:
+                cache = resolver.cache.stats
+                parts.append(
+                    f"cache {len(resolver.cache)} entries, hits {cache.hits}, "
+                    f"misses {cache.misses}, stale {cache.stale}"
+                )
+        if self.inflight is not None:
+            parts.append(f"in flight {len(self.inflight)}")
+        if upstream is not None:
+            pool = upstream.stats
+            parts.append(
+                f"upstream {upstream.name}: {len(upstream.connections)} connections, "
+                f"{pool.handshakes} handshakes ({pool.sessions_resumed} resumed, "
+                f"0-RTT {pool.early_data_accepted}/{pool.early_data_sent})"
+            )
+        return "; ".join(parts) or "starting"
+
+    async def _heartbeat(self) -> None:
+        """WATCHDOG=1 at half of WATCHDOG_USEC, from the event loop itself: a stuck
+        loop stops the pings and systemd restarts the service."""
+        interval = self.notifier.watchdog_interval
+        while True:
+            await asyncio.sleep(interval or STATUS_INTERVAL)
+            if interval is not None:
+                self.notifier.send("WATCHDOG=1", f"STATUS={self.summary()}")
+            else:
+                self.notifier.status(self.summary())
+
+    def _sighup(self) -> None:
+        log.warning("SIGHUP: reloading the configuration")
+        self.notifier.reloading()
+        query_log = self.observations.query_log
+        if query_log is not None:
+            query_log.reopen()
+        try:
+            if self.on_reload is not None:
+                self.on_reload()
+        finally:
+            self.notifier.ready(self.summary())
+
+    def set_verbose(self, verbose: int) -> None:
+        level = log_level(verbose)
+        logging.getLogger().setLevel(level)
+        if verbose < 3:
+            logging.getLogger("quic").setLevel(max(level, logging.INFO))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def stopping(self) -> None:
+        self.notifier.stopping()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.stop)
+        if self.observations.query_log is not None:
+            self.observations.query_log.close()
+        self.notifier.close()

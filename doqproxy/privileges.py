@@ -1,0 +1,51 @@
+"""``--user NAME``: give up root once the privileged ports are bound."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+
+
+class PrivilegeError(Exception):
+    """Dropping privileges failed; the message says what to do."""
+
+
+def drop_privileges(user: str) -> tuple[int, int]:
+    """Switch to ``user`` (name or numeric uid) and its primary group, with no
+    supplementary groups. Returns the new (uid, gid).
+
+    Must run as root, after binding and before any thread starts (setuid only
+    changes the calling thread's credentials in some libcs' view of the world).
+    """
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"--user {user}: no such user (see /etc/passwd)") from None
+    if os.geteuid() != 0:
+        if os.geteuid() == entry.pw_uid:
+            return entry.pw_uid, entry.pw_gid
+        raise PrivilegeError(
+            f"--user {user}: only root can switch users; start as root, or under systemd use "
+            "User= or DynamicUser= instead"
+        )
+    try:
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except OSError as exc:
+        raise PrivilegeError(f"--user {user}: cannot switch: {exc.strerror}") from None
+    try:
+        os.setuid(0)
+    except OSError:
+        pass
+    else:
+        raise PrivilegeError(f"--user {user}: could regain root after dropping it; refusing to run")
+    return entry.pw_uid, entry.pw_gid
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

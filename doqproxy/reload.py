@@ -1,0 +1,92 @@
+"""SIGHUP: re-read the configuration and apply what can change without a restart.
+
+The listeners and the cache stay as they are. A new upstream (URL, TLS
+settings, pool or padding) gets a new connection pool; the old pool is closed
+once the queries on it had time to finish. The query timeout and the log level
+apply at once. Anything invalid in the new configuration is logged and the old
+configuration stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .operations import Operations
+from .pool import DoqUpstream
+from .resolver import Resolver
+
+if TYPE_CHECKING:
+    from .forwarder import ForwardSettings
+
+log = logging.getLogger(__name__)
+
+_UPSTREAM_FIELDS = ("upstream", "tls_ca_file", "tls_server_name", "padding", "pool")
+
+
+class Reloader:
+    """The SIGHUP handler's body: ``load()`` gives the new settings or raises with a
+    message fit for the log."""
+
+    def __init__(
+        self,
+        settings: ForwardSettings,
+        load: Callable[[], ForwardSettings],
+        make_upstream: Callable[[ForwardSettings], DoqUpstream],
+        ops: Operations,
+        resolver: Resolver,
+    ) -> None:
+        self.settings = settings
+        self.load = load
+        self.make_upstream = make_upstream
+        self.ops = ops
+        self.resolver = resolver
+        self.generation = 0
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def __call__(self) -> bool:
+        """Apply the configuration as it is now; ``False`` if the old one was kept."""
+        old = self.settings
+        try:
+            new = self.load()
+            upstream = None
+            if any(getattr(new, name) != getattr(old, name) for name in _UPSTREAM_FIELDS):
+                upstream = self.make_upstream(new)
+        except Exception as exc:  # whatever the loader raises, the old config stays
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return False
+        if new.listen != old.listen:
+            log.warning("reload: listen addresses cannot change without a restart; keeping them")
+        for name in ("cache",):
+            if getattr(new, name, None) != getattr(old, name, None):
+                log.warning("reload: %s settings need a restart to change; keeping them", name)
+        if upstream is not None:
+            previous = self.ops.upstream
+            self.ops.upstream = upstream
+            self.resolver.upstream = self.ops.wrap_upstream(upstream)
+            if previous is not None:
+                self._retire(previous, grace=old.timeout)
+            log.warning("reload: now forwarding to %s", upstream.name)
+        self.resolver.timeout = new.timeout
+        self.ops.set_verbose(new.ops.verbose)
+        self.settings = new
+        self.generation += 1
+        log.warning("reload: done")
+        return True
+
+    def _retire(self, upstream: DoqUpstream, grace: float) -> None:
+        async def close_later() -> None:
+            await asyncio.sleep(grace)
+            await upstream.aclose()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        if self._retired:
+            await asyncio.wait(list(self._retired))
