@@ -122,7 +122,11 @@ class DoqConnection:
         self.info = ConnectionInfo(opened_at=time.monotonic())
         self.last_heard = self.info.opened_at
         self.in_flight = 0
+        self.last_used = self.info.opened_at
         self.dead = False
+        self.dead_after = 1.0
+        """Seconds of silence after a query before the connection is presumed dead."""
+        self._watchdog: asyncio.TimerHandle | None = None
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, tuple[doq.StreamReader, asyncio.Future[bytes]]] = {}
         self._ticket_handler = ticket_handler
@@ -185,26 +189,90 @@ class DoqConnection:
 
     # --- queries -----------------------------------------------------------
 
-    async def query(self, message: bytes) -> bytes:
-        """Send one DNS message on a new stream and return the answer's message."""
+    @property
+    def handshake_complete(self) -> bool:
+        return self.handshake_done.done() and self.handshake_done.exception() is None
+
+    @property
+    def stream_credit(self) -> int:
+        """Streams the peer still lets us open (its MAX_STREAMS minus those opened).
+
+        Before the handshake the peer's limit is unknown unless a ticket carried
+        it; then the connection is assumed to take a full share.
+        """
+        if self._protocol is None:
+            return 0
+        quic = self._protocol._quic
+        if not self.handshake_done.done() and not quic._remote_max_streams_bidi:
+            return 1 << 30
+        return quic._remote_max_streams_bidi - quic._local_next_stream_id_bidi // 4
+
+    @property
+    def idle_timeout(self) -> float:
+        """The negotiated idle timeout: min(ours, the peer's), at least 3 PTO."""
+        return self.quic._idle_timeout() if self._protocol is not None else 0.0
+
+    async def query(self, message: bytes, *, early: bool = True) -> bytes:
+        """Send one DNS message on a new stream and return the answer's message.
+
+        Before the handshake completes the message rides as 0-RTT early data when
+        a ticket allows it and ``early`` is true; otherwise it waits for the
+        handshake (non-replayable messages must never go as early data).
+        """
         if self.dead or self._protocol is None:
             raise ConnectionLost("connection is closed")
+        if not self.handshake_done.done() and not (early and self.resumable):
+            self._protocol.transmit()  # the first flight, if it has not gone yet
+            await asyncio.shield(self.handshake_done)
         quic = self._protocol._quic
         stream_id = quic.get_next_available_stream_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = (doq.StreamReader(), future)
         self.in_flight += 1
-        if not self.handshake_done.done() and self.resumable:
+        sent_at = time.monotonic()
+        if not self.handshake_done.done():
             self.info.early_data_sent = True
         quic.send_stream_data(stream_id, doq.frame(message), end_stream=True)
         self._protocol.transmit()
+        self._arm_watchdog(sent_at)
         try:
             return await future
         finally:
             self.in_flight -= 1
+            self.last_used = time.monotonic()
             if self._pending.pop(stream_id, None) is not None and not self.dead:
                 # Cancelled (timeout) before the answer: tell the server to stop.
                 self._cancel_stream(stream_id)
+
+    def _arm_watchdog(self, sent_at: float) -> None:
+        """Notice a connection that died silently (a restarted server drops our
+        packets without a reset): if nothing at all is heard within
+        ``dead_after`` of sending a query, the connection is declared lost and
+        its queries fail with :class:`ConnectionLost`, which the pool retries."""
+        if self._watchdog is not None or not self.handshake_complete:
+            return
+        delay = max(self.dead_after, 4 * self.quic._loss._rtt_smoothed)
+
+        def check() -> None:
+            self._watchdog = None
+            if self.dead or not self._pending:
+                return
+            if self.last_heard < sent_at:
+                self._fail(ConnectionLost(f"no reply from the server for {delay:.1f}s"))
+                if self._protocol is not None:
+                    self._protocol.close(
+                        error_code=doq.DoqError.NO_ERROR, reason_phrase="unresponsive"
+                    )
+            else:
+                self._arm_watchdog(time.monotonic())
+
+        self._watchdog = asyncio.get_running_loop().call_later(delay, check)
+
+    def ping(self) -> None:
+        """Send a PING (for the opt-in keepalive)."""
+        if self._protocol is not None and not self.dead:
+            self._protocol._quic.send_ping(0)
+            self._protocol.transmit()
 
     def _cancel_stream(self, stream_id: int) -> None:
         assert self._protocol is not None
@@ -287,6 +355,9 @@ class DoqConnection:
         if self.dead:
             return
         self.dead = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if not self.handshake_done.done():
             self.handshake_done.set_exception(exc)
             self.handshake_done.exception()  # mark retrieved: nobody may be waiting

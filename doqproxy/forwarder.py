@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import runtime
 from .addresses import HostPort, UpstreamUrl
@@ -20,6 +22,7 @@ from .reload import Reloader
 from .resolver import Resolver
 from .sockets import bind
 from .systemd import Activated
+from .ticket_file import TicketFile
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class ForwardSettings:
     padding: bool = True
     tcp: TcpLimits = field(default_factory=TcpLimits)
     pool: PoolSettings = field(default_factory=PoolSettings)
+    state_dir: Path | None = None
+    """Where session tickets persist; ``None`` keeps them in memory only."""
     ops: OpsSettings = field(default_factory=OpsSettings)
 
 
@@ -66,13 +71,8 @@ def make_upstream(settings: ForwardSettings) -> DoqUpstream:
     configuration = client_configuration(server_name, ca_file=settings.tls_ca_file)
     pool = settings.pool
     if not settings.padding:
-        pool = PoolSettings(
-            max_connections=pool.max_connections,
-            max_streams=pool.max_streams,
-            idle_timeout=pool.idle_timeout,
-            pad_block=None,
-        )
-    return DoqUpstream(url, configuration, pool)
+        pool = dataclasses.replace(pool, pad_block=None)
+    return DoqUpstream(url, configuration, pool, tickets=TicketFile(settings.state_dir))
 
 
 async def serve(

@@ -1,14 +1,21 @@
 """The DoQ upstream: a pool of reused QUIC connections to one DoQ server.
 
-Connections are opened lazily, picked by :func:`pool_policy.pick`, and replaced
-when they die. A query whose connection dies under it is retried once on a
-fresh connection (DNS queries are idempotent). When connections keep failing to
-come up, new attempts back off exponentially and queries fail fast meanwhile.
+Connections are opened lazily and picked by :func:`pool_policy.pick` (the live
+one with the most spare capacity). When all are full, another is opened up to
+the maximum; after that queries wait in a bounded queue, and beyond it they
+fail at once. A new connection to a server we hold a ticket for carries the
+query that caused it as 0-RTT early data in its first flight.
+
+A query whose connection dies under it is retried once on a fresh connection
+(DNS queries are idempotent). When connections keep failing to come up, new
+attempts back off exponentially and queries fail fast meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -16,15 +23,18 @@ import time
 from dataclasses import dataclass, field
 
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.tls import SessionTicket
 
-from . import doq, pool_policy
+from . import doq, pool_policy, wire
 from .addresses import UpstreamUrl
 from .doq_client import ConnectionLost, DoqConnection
+from .ticket_file import TicketFile, upstream_key
 from .upstream import Ede, UpstreamError
 from .wire import Question
 
 log = logging.getLogger(__name__)
+
+REPLAYABLE_OPCODES = frozenset({wire.OPCODE_QUERY, wire.OPCODE_NOTIFY})
+"""Only these may travel as 0-RTT early data (RFC 9250 §4.5)."""
 
 
 @dataclass(slots=True)
@@ -38,36 +48,27 @@ class PoolStats:
     early_data_accepted: int = 0
     retries: int = 0
     connect_failures: int = 0
+    queued: int = 0
+    queue_full: int = 0
+    idle_closed: int = 0
     closes_by_code: dict[int, int] = field(default_factory=dict)
-
-
-class TicketStore:
-    """Session tickets per upstream; each ticket is used once (RFC 8446 §C.4)."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self.keep = keep
-        self._tickets: dict[str, list[SessionTicket]] = {}
-
-    def add(self, key: str, ticket: SessionTicket) -> None:
-        tickets = self._tickets.setdefault(key, [])
-        tickets.append(ticket)
-        del tickets[: -self.keep]
-
-    def take(self, key: str) -> SessionTicket | None:
-        tickets = self._tickets.get(key, [])
-        while tickets:
-            ticket = tickets.pop()
-            if ticket.is_valid:
-                return ticket
-        return None
 
 
 @dataclass(slots=True, frozen=True)
 class PoolSettings:
-    max_connections: int = 1
+    max_connections: int = 4
     max_streams: int = 100
+    """In-flight queries per connection (never more than the peer's MAX_STREAMS)."""
+    max_queue: int = 1000
+    """Queries that may wait for capacity when every connection is full."""
     idle_timeout: float = 30.0
+    """Our QUIC idle timeout; the pool closes idle connections just before it."""
+    keepalive: float | None = None
+    """Seconds between PINGs on idle connections; ``None`` lets them close."""
+    zero_rtt: bool = True
     pad_block: int | None = 128
+    dead_after: float = 1.0
+    """Seconds of total silence after a query before a connection is presumed dead."""
 
 
 class DoqUpstream:
@@ -79,65 +80,100 @@ class DoqUpstream:
         configuration: QuicConfiguration,
         settings: PoolSettings = PoolSettings(),
         *,
-        tickets: TicketStore | None = None,
+        tickets: TicketFile | None = None,
     ) -> None:
         self.url = url
         self.name = str(url)
         self.settings = settings
         self.pad_block = settings.pad_block
         self.stats = PoolStats()
-        self._configuration = configuration
-        self._tickets = tickets if tickets is not None else TicketStore()
-        self._ticket_key = f"{configuration.server_name}|{url.host}|{url.port}"
+        self.tickets = tickets if tickets is not None else TicketFile(None)
+        self._configuration = dataclasses.replace(configuration, idle_timeout=settings.idle_timeout)
+        self._key = upstream_key(configuration.server_name or url.host, url.host, url.port)
         self._connections: list[DoqConnection] = []
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._backoff = pool_policy.Backoff()
         self._last_error = ""
         self._opening: asyncio.Task[DoqConnection] | None = None
-        self._closed = False
+        self._maintenance: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Future[None]] = set()
+        self._closed = False
 
     async def query(self, message: bytes, question: Question) -> bytes:
+        early = self.settings.zero_rtt and question.opcode in REPLAYABLE_OPCODES
         for attempt in range(2):
             conn = await self._acquire()
             try:
-                return await conn.query(message)
+                return await conn.query(message, early=early)
             except ConnectionLost as exc:
-                if attempt or conn.info.handshake_at is None:
+                if attempt or (conn.info.handshake_at is None and not conn.info.early_data_sent):
                     raise UpstreamError(str(exc), exc.ede) from None
                 self.stats.retries += 1
                 log.debug("%s: retrying a query after: %s", self.name, exc)
+            finally:
+                self._wake_one()
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
+        """Close every connection with DOQ_NO_ERROR and save the tickets."""
         self._closed = True
-        connections = list(self._connections)
-        for conn in connections:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(UpstreamError("shutting down", Ede.NOT_READY))
+        for conn in list(self._connections):
             conn.close(doq.DoqError.NO_ERROR, "shutdown")
-        await asyncio.gather(*self._closing)
+        if self._closing:
+            await asyncio.gather(*self._closing)
+        self.tickets.save()
 
     @property
     def connections(self) -> list[DoqConnection]:
         return list(self._connections)
 
-    # --- pool management ---------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return sum(conn.in_flight for conn in self._connections)
+
+    # --- choosing and opening connections -----------------------------------------
 
     async def _acquire(self) -> DoqConnection:
-        if self._closed:
-            raise UpstreamError("shutting down", Ede.NOT_READY)
-        now = time.monotonic()
         settings = self.settings
-        index = pool_policy.pick(
-            self._connections,
-            now=now,
-            max_streams=settings.max_streams,
-            idle_timeout=settings.idle_timeout,
-        )
-        if index is not None:
-            return self._connections[index]
-        if len(self._connections) >= settings.max_connections:
-            # Everything is busy: the least loaded one queues the stream.
-            return min(self._connections, key=lambda c: c.in_flight)
-        wait = self._backoff.wait(now)
+        while True:
+            if self._closed:
+                raise UpstreamError("shutting down", Ede.NOT_READY)
+            index = pool_policy.pick(
+                self._connections,
+                now=time.monotonic(),
+                max_streams=settings.max_streams,
+            )
+            if index is not None:
+                return self._connections[index]
+            if len(self._connections) < settings.max_connections:
+                return await self._open_shared()
+            if len(self._waiters) >= settings.max_queue:
+                self.stats.queue_full += 1
+                raise UpstreamError("too many queries waiting for a connection", Ede.OTHER)
+            self.stats.queued += 1
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _open_shared(self) -> DoqConnection:
+        """Open one connection, shared by every query that needs it meanwhile."""
+        wait = self._backoff.wait(time.monotonic())
         if wait > 0:
             raise UpstreamError(
                 f"unreachable ({self._last_error}); next attempt in {wait:.1f}s",
@@ -145,26 +181,39 @@ class DoqUpstream:
             )
         if self._opening is None:
             self._opening = asyncio.ensure_future(self._open())
-        try:
-            return await asyncio.shield(self._opening)
-        finally:
-            if self._opening is not None and self._opening.done():
-                self._opening = None
+            self._opening.add_done_callback(self._opened)
+        return await asyncio.shield(self._opening)
+
+    def _opened(self, task: asyncio.Task[DoqConnection]) -> None:
+        self._opening = None
+        if not task.cancelled() and task.exception() is None:
+            # Those queued for capacity can use the new connection.
+            for _ in range(self.settings.max_streams):
+                self._wake_one()
 
     async def _open(self) -> DoqConnection:
         address = await self._resolve()
         configuration = dataclasses.replace(self._configuration)
-        configuration.session_ticket = self._tickets.take(self._ticket_key)
+        configuration.session_ticket = self.tickets.take(self._key)
+        configuration.token = self.tickets.token(self._key)
         conn = DoqConnection(
             address,
             configuration,
-            ticket_handler=lambda ticket: self._tickets.add(self._ticket_key, ticket),
+            ticket_handler=lambda ticket: self.tickets.add(self._key, ticket),
+            token_handler=lambda token: self.tickets.set_token(self._key, token),
             on_dead=self._forget,
         )
+        conn.dead_after = self.settings.dead_after
         await conn.open()
         self.stats.connections_opened += 1
         self._connections.append(conn)
         conn.handshake_done.add_done_callback(lambda _: self._on_handshake(conn))
+        if self._maintenance is None:
+            self._maintenance = asyncio.ensure_future(self._maintain())
+        log.debug(
+            "%s: opening connection %d (ticket: %s)",
+            self.name, self.stats.connections_opened, configuration.session_ticket is not None,
+        )  # fmt: skip
         return conn
 
     async def _resolve(self) -> tuple[str, int]:
@@ -205,3 +254,25 @@ class DoqUpstream:
         task = asyncio.ensure_future(conn.wait_closed())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    # --- idle connections -------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        """Once a second: close connections about to hit their idle timeout (with
+        DOQ_NO_ERROR, rather than letting them vanish silently), or ping them when
+        a keepalive is configured."""
+        settings = self.settings
+        while not self._closed:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self._connections):
+                if conn.in_flight or not conn.handshake_complete:
+                    continue
+                quiet = now - conn.last_heard
+                if settings.keepalive is not None:
+                    if quiet >= settings.keepalive:
+                        conn.ping()
+                elif quiet >= conn.idle_timeout - 2.0:
+                    self.stats.idle_closed += 1
+                    log.debug("%s: closing an idle connection", self.name)
+                    conn.close(doq.DoqError.NO_ERROR, "idle")

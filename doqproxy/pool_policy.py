@@ -20,26 +20,37 @@ class PooledConnection(Protocol):
     @property
     def last_heard(self) -> float: ...
 
+    @property
+    def stream_credit(self) -> int:
+        """Streams the peer still allows us to open."""
+        ...
+
+    @property
+    def idle_timeout(self) -> float:
+        """The connection's negotiated idle timeout in seconds."""
+        ...
+
 
 def pick(
     connections: Sequence[PooledConnection],
     *,
     now: float,
     max_streams: int,
-    idle_timeout: float,
     idle_margin: float = 1.0,
 ) -> int | None:
     """Index of the live connection with the most spare capacity, or ``None``.
 
-    A connection that is full, dead, or within ``idle_margin`` seconds of its
-    idle timeout (it may be gone by the time the query arrives) is skipped.
+    Spare capacity is the smaller of ``max_streams`` minus the queries in flight
+    and the peer's remaining stream credit. A connection that is full, dead, or
+    within ``idle_margin`` seconds of its idle timeout (it may be gone by the
+    time the query arrives) is skipped.
     """
     best: int | None = None
     best_spare = 0
     for index, conn in enumerate(connections):
-        if not conn.usable or now - conn.last_heard >= idle_timeout - idle_margin:
+        if not conn.usable or now - conn.last_heard >= conn.idle_timeout - idle_margin:
             continue
-        spare = max_streams - conn.in_flight
+        spare = min(max_streams - conn.in_flight, conn.stream_credit)
         if spare > best_spare:
             best, best_spare = index, spare
     return best

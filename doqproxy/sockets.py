@@ -12,6 +12,9 @@ UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 costs about 1 KB of accounting), so UDP listeners ask for more."""
 
 
+_SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; typeshed lacks it
+
+
 class ListenError(OSError):
     """A listening socket could not be created; the message is for the user."""
 
@@ -59,6 +62,6 @@ def _explain(exc: OSError, address: HostPort, proto: str) -> str:
 def grow_receive_buffer(sock: socket.socket, size: int = UDP_RECEIVE_BUFFER) -> None:
     """Ask for a larger receive buffer; beyond net.core.rmem_max only with CAP_NET_ADMIN."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, size)
-    except (OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, size)
+    except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)

@@ -131,6 +131,8 @@ def start_proxy(tmp_path: Path, certs: Certs) -> Iterator[object]:
             "--tls-server-name", SERVER_NAME,
             *extra,
         ]  # fmt: skip
+        if "--state-dir" not in extra:
+            args += ["--state-dir", str(tmp_path / "state")]
         proxy = ProxyProcess(args, port, tmp_path / f"proxy-{port}.log")
         started.append(proxy)
         proxy.wait_ready()

@@ -132,7 +132,16 @@ class _DoqServerProtocol(QuicConnectionProtocol):
 class DoqTestUpstream:
     """Start with :meth:`start`, stop with :meth:`stop`; restartable on the same port."""
 
-    def __init__(self, cert_file: str, key_file: str, port: int = 0, **options: Any) -> None:
+    def __init__(
+        self,
+        cert_file: str,
+        key_file: str,
+        port: int = 0,
+        *,
+        max_streams: int | None = None,
+        **options: Any,
+    ) -> None:
+        self.max_streams = max_streams
         self.cert_file = cert_file
         self.key_file = key_file
         self.port = port
@@ -148,6 +157,9 @@ class DoqTestUpstream:
         def create_protocol(*args: Any, **kwargs: Any) -> _DoqServerProtocol:
             protocol = _DoqServerProtocol(*args, **kwargs)
             protocol.state = state
+            if self.max_streams is not None:
+                limit = protocol._quic._local_max_streams_bidi
+                limit.value = limit.sent = self.max_streams
             return protocol
 
         self.server = await serve(
@@ -155,7 +167,7 @@ class DoqTestUpstream:
             self.port,
             configuration=configuration,
             create_protocol=create_protocol,
-            session_ticket_fetcher=state.tickets.pop,
+            session_ticket_fetcher=lambda label: state.tickets.pop(label, None),
             session_ticket_handler=lambda t: state.tickets.__setitem__(t.ticket, t),
             **self.options,
         )
@@ -166,12 +178,20 @@ class DoqTestUpstream:
         for protocol in set(self.server._protocols.values()):
             protocol.close(error_code=code)
 
+    def forget_tickets(self) -> None:
+        """Like a server restart for TLS: resumption fails and 0-RTT is rejected."""
+        self.state.tickets.clear()
+
+    def seen_names(self) -> list[str]:
+        return [seen.message.question[0].name.to_text() for seen in self.state.seen]
+
     async def stop(self) -> None:
         if self.server is not None:
             self.close_all_connections()
             await asyncio.sleep(0.05)
             self.server.close()
             self.server = None
+            await asyncio.sleep(0.05)  # the socket is released on the next loop turn
 
     def ids_seen(self) -> list[int]:
         return [struct.unpack("!H", seen.wire[:2])[0] for seen in self.state.seen]

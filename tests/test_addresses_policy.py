@@ -66,17 +66,25 @@ class Conn:
     usable: bool = True
     in_flight: int = 0
     last_heard: float = 100.0
+    stream_credit: int = 1000
+    idle_timeout: float = 30.0
 
 
 def test_pick_most_spare_capacity() -> None:
     conns = [Conn(in_flight=5), Conn(in_flight=1), Conn(in_flight=3)]
-    assert pool_policy.pick(conns, now=100, max_streams=10, idle_timeout=30) == 1
+    assert pool_policy.pick(conns, now=100, max_streams=10) == 1
 
 
 def test_pick_skips_dead_full_and_nearly_idle() -> None:
     conns = [Conn(usable=False), Conn(in_flight=10), Conn(last_heard=70.5), Conn(in_flight=9)]
-    assert pool_policy.pick(conns, now=100, max_streams=10, idle_timeout=30) == 3
-    assert pool_policy.pick(conns[:3], now=100, max_streams=10, idle_timeout=30) is None
+    assert pool_policy.pick(conns, now=100, max_streams=10) == 3
+    assert pool_policy.pick(conns[:3], now=100, max_streams=10) is None
+
+
+def test_pick_respects_peer_stream_credit() -> None:
+    conns = [Conn(in_flight=0, stream_credit=2), Conn(in_flight=4, stream_credit=50)]
+    assert pool_policy.pick(conns, now=100, max_streams=10) == 1
+    assert pool_policy.pick([Conn(stream_credit=0)], now=100, max_streams=10) is None
 
 
 def test_backoff_grows_and_resets() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -12,6 +13,7 @@ from ..listen_tcp import TcpLimits
 from ..operations import OpsSettings
 from ..privileges import PrivilegeError, drop_privileges
 from ..sockets import ListenError
+from .pool_options import pool_options, pool_settings
 
 
 @click.command()
@@ -89,6 +91,7 @@ from ..sockets import ListenError
     metavar="NAME",
     help="Switch to this user after binding when started as root (not needed under systemd).",
 )
+@pool_options
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
@@ -105,6 +108,7 @@ def forward(
     query_log: str | None,
     user: str | None,
     verbose: int,
+    **options: Any,
 ) -> None:
     """Forward plain DNS (UDP and TCP) to a DNS-over-QUIC upstream.
 
@@ -123,8 +127,11 @@ def forward(
         metrics_address = parse_listen(metrics_listen, 9153) if metrics_listen else None
     except AddressError as exc:
         raise click.ClickException(f"--metrics-listen: {exc}") from None
+    pool, state_dir = pool_settings(options, padding=not no_padding)
     settings = forwarder.ForwardSettings(
         listen=addresses,
+        pool=pool,
+        state_dir=state_dir,
         upstream=url,
         tls_ca_file=tls_ca_file,
         tls_server_name=tls_server_name,

@@ -1,0 +1,97 @@
+"""The upstream-pool and 0-RTT command-line options of ``doqproxy forward``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..pool import PoolSettings
+from ..ticket_file import default_state_dir
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DEFAULTS = PoolSettings()
+
+POOL_FLAGS = (
+    "max_connections_per_upstream",
+    "max_streams_per_connection",
+    "max_queued_queries",
+    "upstream_idle_timeout",
+    "keepalive",
+    "no_0rtt",
+    "state_dir",
+)
+"""The keyword arguments :func:`pool_options` adds to a command."""
+
+
+def pool_options(command: F) -> F:
+    """Add the connection-pool, 0-RTT and state-directory options to a click command."""
+    options = [
+        click.option(
+            "--max-connections-per-upstream",
+            type=click.IntRange(min=1, max=64),
+            default=_DEFAULTS.max_connections,
+            show_default=True,
+            help="QUIC connections kept to the upstream; more open only under load.",
+        ),
+        click.option(
+            "--max-streams-per-connection",
+            type=click.IntRange(min=1, max=10_000),
+            default=_DEFAULTS.max_streams,
+            show_default=True,
+            help="In-flight queries per connection (never more than the server allows).",
+        ),
+        click.option(
+            "--max-queued-queries",
+            type=click.IntRange(min=0),
+            default=_DEFAULTS.max_queue,
+            show_default=True,
+            help="Queries that may wait when every connection is full; beyond, SERVFAIL.",
+        ),
+        click.option(
+            "--upstream-idle-timeout",
+            type=click.FloatRange(min=3.0),
+            default=_DEFAULTS.idle_timeout,
+            show_default=True,
+            help="QUIC idle timeout; idle connections are closed cleanly just before it.",
+        ),
+        click.option(
+            "--keepalive",
+            type=click.FloatRange(min=1.0),
+            default=None,
+            metavar="SECONDS",
+            help="PING idle connections this often to keep them open (off by default).",
+        ),
+        click.option(
+            "--no-0rtt",
+            is_flag=True,
+            help="Never send queries as 0-RTT early data (sessions are still resumed).",
+        ),
+        click.option(
+            "--state-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Where session tickets persist across restarts. Default: $STATE_DIRECTORY, "
+            "else /var/lib/doqproxy as root, else $XDG_STATE_HOME/doqproxy.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def pool_settings(params: dict[str, Any], *, padding: bool) -> tuple[PoolSettings, Path]:
+    """Build :class:`PoolSettings` and the state directory from the options' values."""
+    settings = PoolSettings(
+        max_connections=params["max_connections_per_upstream"],
+        max_streams=params["max_streams_per_connection"],
+        max_queue=params["max_queued_queries"],
+        idle_timeout=params["upstream_idle_timeout"],
+        keepalive=params["keepalive"],
+        zero_rtt=not params["no_0rtt"],
+        pad_block=_DEFAULTS.pad_block if padding else None,
+    )
+    return settings, params["state_dir"] or default_state_dir()

@@ -1,0 +1,202 @@
+"""Client session tickets and address-validation tokens, kept across restarts.
+
+With a saved ticket, the first query after a restart goes out as 0-RTT early
+data instead of waiting a round trip for the handshake. The file is JSON (bytes
+as base64, dates as ISO 8601), never pickle. It holds ``resumption_secret``,
+which is enough to derive the 0-RTT keys, so it is written mode 0600 through a
+temporary file, fsync and rename, and a file that is owned by another user or
+that anyone else may read is ignored.
+
+Entries are keyed by upstream (server name, address, port). Each ticket is used
+once (reusing one gets a full handshake), several are kept, and expired ones
+are dropped. A damaged or unreadable file costs a full handshake and a warning,
+never a failure to start.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from aioquic.tls import CipherSuite, SessionTicket
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "tickets.json"
+FORMAT_VERSION = 1
+KEEP_PER_UPSTREAM = 8
+
+
+def upstream_key(server_name: str, host: str, port: int) -> str:
+    return f"{server_name}|{host}|{port}"
+
+
+def default_state_dir() -> Path:
+    """``$STATE_DIRECTORY`` (systemd), else /var/lib/doqproxy for root, else XDG state."""
+    env = os.environ.get("STATE_DIRECTORY")
+    if env:
+        return Path(env.split(":")[0])
+    if os.geteuid() == 0:
+        return Path("/var/lib/doqproxy")
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(xdg) / "doqproxy"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def ticket_to_json(ticket: SessionTicket) -> dict[str, Any]:
+    return {
+        "age_add": ticket.age_add,
+        "cipher_suite": int(ticket.cipher_suite),
+        "not_valid_after": ticket.not_valid_after.isoformat(),
+        "not_valid_before": ticket.not_valid_before.isoformat(),
+        "resumption_secret": _b64(ticket.resumption_secret),
+        "server_name": ticket.server_name,
+        "ticket": _b64(ticket.ticket),
+        "max_early_data_size": ticket.max_early_data_size,
+        "other_extensions": [[kind, _b64(value)] for kind, value in ticket.other_extensions],
+    }
+
+
+def ticket_from_json(data: dict[str, Any]) -> SessionTicket:
+    def when(text: str) -> datetime.datetime:
+        moment = datetime.datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            raise ValueError("ticket date without a time zone")
+        return moment
+
+    max_early = data.get("max_early_data_size")
+    return SessionTicket(
+        age_add=int(data["age_add"]),
+        cipher_suite=CipherSuite(int(data["cipher_suite"])),
+        not_valid_after=when(data["not_valid_after"]),
+        not_valid_before=when(data["not_valid_before"]),
+        resumption_secret=base64.b64decode(data["resumption_secret"], validate=True),
+        server_name=str(data["server_name"]),
+        ticket=base64.b64decode(data["ticket"], validate=True),
+        max_early_data_size=None if max_early is None else int(max_early),
+        other_extensions=[
+            (int(kind), base64.b64decode(value, validate=True))
+            for kind, value in data["other_extensions"]
+        ],
+    )
+
+
+class TicketFile:
+    """Tickets and NEW_TOKEN tokens per upstream, optionally backed by a file.
+
+    With ``directory=None`` it only keeps them in memory (resumption still works
+    within one process). :meth:`add` saves at once; :meth:`take` marks the
+    store dirty and :meth:`save` writes it (call it at shutdown).
+    """
+
+    def __init__(self, directory: Path | None, keep: int = KEEP_PER_UPSTREAM) -> None:
+        self.path = None if directory is None else directory / FILE_NAME
+        self.keep = keep
+        self._tickets: dict[str, list[SessionTicket]] = {}
+        self._tokens: dict[str, bytes] = {}
+        self._dirty = False
+        self.save_errors = 0
+        if self.path is not None:
+            self._load(self.path)
+
+    # --- tickets and tokens --------------------------------------------------
+
+    def add(self, key: str, ticket: SessionTicket) -> None:
+        tickets = self._tickets.setdefault(key, [])
+        tickets.append(ticket)
+        del tickets[: -self.keep]
+        self._dirty = True
+        self.save()
+
+    def take(self, key: str) -> SessionTicket | None:
+        """The newest valid ticket for ``key``, removed so it is used only once."""
+        tickets = self._tickets.get(key, [])
+        while tickets:
+            ticket = tickets.pop()
+            self._dirty = True
+            if ticket.is_valid:
+                return ticket
+        return None
+
+    def count(self, key: str) -> int:
+        return sum(ticket.is_valid for ticket in self._tickets.get(key, []))
+
+    def set_token(self, key: str, token: bytes) -> None:
+        self._tokens[key] = token
+        self._dirty = True
+
+    def token(self, key: str) -> bytes:
+        return self._tokens.get(key, b"")
+
+    # --- the file -------------------------------------------------------------
+
+    def _load(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as handle:
+                info = os.fstat(handle.fileno())
+                if info.st_uid != os.geteuid():
+                    log.warning(
+                        "ignoring %s: owned by uid %d, not by us (uid %d)",
+                        path, info.st_uid, os.geteuid(),
+                    )  # fmt: skip
+                    return
+                if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    mode = info.st_mode & 0o777
+                    log.warning("ignoring %s: readable by others (mode %o)", path, mode)
+                    return
+                raw = json.loads(handle.read())
+            if raw.get("version") != FORMAT_VERSION:
+                raise ValueError(f"unknown format version {raw.get('version')!r}")
+            for key, items in raw["tickets"].items():
+                tickets = [ticket_from_json(item) for item in items]
+                self._tickets[str(key)] = [t for t in tickets if t.is_valid][-self.keep :]
+            for key, token in raw.get("tokens", {}).items():
+                self._tokens[str(key)] = base64.b64decode(token, validate=True)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._tickets.clear()
+            self._tokens.clear()
+            log.warning("ignoring %s (the next connection does a full handshake): %s", path, exc)
+
+    def save(self) -> None:
+        """Write the file atomically if anything changed; errors are logged, not raised."""
+        if self.path is None or not self._dirty:
+            return
+        now = datetime.datetime.now(datetime.UTC)
+        data = {
+            "version": FORMAT_VERSION,
+            "tickets": {
+                key: [ticket_to_json(t) for t in items if t.not_valid_after > now]
+                for key, items in self._tickets.items()
+                if items
+            },
+            "tokens": {key: _b64(token) for key, token in self._tokens.items()},
+        }
+        path = self.path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(data, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.save_errors += 1
+            log.warning("cannot save session tickets to %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        self._dirty = False
