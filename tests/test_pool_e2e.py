@@ -21,9 +21,7 @@ from .doq_fixture import DoqTestUpstream
 StartProxy = Callable[..., ProxyProcess]
 
 
-async def ask(
-    proxy: ProxyProcess, name: str = "a.test.", timeout: float = 10
-) -> dns.message.Message:
+async def ask(proxy: ProxyProcess, name: str = "a.test.", wait: float = 10) -> dns.message.Message:
     query = dns.message.make_query(name, "A")
     return await dns.asyncquery.udp(query, "127.0.0.1", port=proxy.port, timeout=wait)
 
