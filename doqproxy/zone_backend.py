@@ -35,9 +35,12 @@ import dns.rdatatype
 import dns.rrset
 import dns.zone
 
+from . import wire
 from .wire import Question
 
 MAX_CNAME_CHAIN = 8
+MAX_CACHED_ANSWERS = 10_000
+_SHAPING_FLAGS = wire.OPCODE_MASK | wire.FLAG_RD | wire.FLAG_CD
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 
 
@@ -93,6 +96,7 @@ class ZoneBackend:
         self.origin: dns.name.Name = zone.origin
         self.name = f"zone:{self.origin.to_text()}"
         self.rdclass = zone.rdclass
+        self._answers: dict[tuple[object, ...], bytes] = {}
         # Every name that exists, including empty non-terminals (RFC 8020): a name
         # with only descendants is NODATA, never NXDOMAIN.
         self._existing: set[dns.name.Name] = set()
@@ -118,8 +122,25 @@ class ZoneBackend:
         return cls(load_zone(path, origin))
 
     async def query(self, message: bytes, question: Question) -> bytes:
-        """Answer ``message`` (ID 0) from the zone."""
-        return self.answer(message)
+        """Answer ``message`` (ID 0) from the zone.
+
+        The zone never changes, so answers are kept by what shapes them. The resolver
+        puts the client's spelling of the name and its OPT record back on each reply.
+        """
+        edns = question.edns
+        key = (
+            question.key,
+            question.flags & _SHAPING_FLAGS,
+            edns is not None,
+            edns is not None and edns.do,
+        )
+        reply = self._answers.get(key)
+        if reply is None:
+            reply = self.answer(message)
+            if len(self._answers) >= MAX_CACHED_ANSWERS:
+                self._answers.clear()
+            self._answers[key] = reply
+        return reply
 
     async def aclose(self) -> None:
         """Nothing to release."""

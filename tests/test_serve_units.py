@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from doqproxy import doq, doq_server, wire
+from doqproxy.resolver import Resolver
 from doqproxy.ticket_store import TicketStore
 from doqproxy.zone_backend import ZoneBackend, ZoneError
 
@@ -187,3 +188,26 @@ def test_tickets_are_single_use_and_expire() -> None:
     assert (store.issued, store.resumed) == (2, 1)
     with pytest.raises(ValueError):
         TicketStore(lifetime=0)
+
+
+async def test_cached_zone_answers_keep_each_clients_shape(backend: ZoneBackend) -> None:
+    resolver = Resolver(backend)
+    for name, want_rd in [
+        ("WWW.Example.TEST", True),
+        ("www.example.test", True),
+        ("www.example.test", False),
+    ]:
+        message = query(name, "A", use_edns=0)
+        if not want_rd:
+            message.flags &= ~dns.flags.RD
+        raw = await resolver.resolve(message.to_wire(), udp=False)
+        assert raw is not None
+        reply = dns.message.from_wire(raw)
+        assert reply.question[0].name.to_text() == name + "."
+        assert bool(reply.flags & dns.flags.RD) == want_rd
+        assert reply.flags & dns.flags.AA
+        assert [rd.to_text() for rrset in reply.answer for rd in rrset] == ["192.0.2.80"]
+    without_edns = dns.message.from_wire(
+        await resolver.resolve(query("www.example.test").to_wire(), udp=False) or b""
+    )
+    assert without_edns.edns < 0
