@@ -27,11 +27,12 @@ import dns.message
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+from aioquic.tls import SessionTicket
 
 from . import doq
 from .addresses import UpstreamUrl
 from .doq_client import DoqConnection, client_configuration
-from .probe_tickets import ProbeTicketFile
+from .ticket_file import TicketFile, upstream_key
 from .upstream import UpstreamError
 
 
@@ -125,16 +126,17 @@ async def _probe(settings: ProbeSettings) -> ProbeResult:
         configuration = client_configuration(server_name, ca_file=settings.tls_ca_file)
     except (OSError, ValueError) as exc:
         raise ProbeError(f"--tls-ca-file {settings.tls_ca_file}: {exc}") from None
-    tickets = ProbeTicketFile(settings.state_dir) if settings.state_dir else None
-    ticket_key = f"{server_name}|{url.host}|{url.port}"
+    # The same file and keys as ``doqproxy forward --state-dir``.
+    tickets = TicketFile(settings.state_dir) if settings.state_dir else None
+    ticket_key = upstream_key(server_name, url.host, url.port)
     saved: list[int] = [0]
     if tickets is not None:
         configuration = dataclasses.replace(configuration)
         configuration.session_ticket = tickets.take(ticket_key)
 
-    def keep_ticket(ticket: object) -> None:
+    def keep_ticket(ticket: SessionTicket) -> None:
         if tickets is not None:
-            tickets.add(ticket_key, ticket)  # type: ignore[arg-type]
+            tickets.add(ticket_key, ticket)
             saved[0] += 1
 
     conn = DoqConnection(address, configuration, ticket_handler=keep_ticket)

@@ -79,7 +79,7 @@ async def test_state_dir_resumes_then_0rtt(
     first = await query_json(upstream.port, certs, "a.test", "--state-dir", str(state))
     assert first["session"]["ticket_offered"] is False
     assert first["session"]["tickets_saved"] >= 1
-    ticket_file = state / "query-tickets.json"
+    ticket_file = state / "tickets.json"  # shared with forward --state-dir
     assert stat.S_IMODE(os.stat(ticket_file).st_mode) == 0o600
 
     second = await query_json(upstream.port, certs, "a.test", "--state-dir", str(state))
