@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from .addresses import HostPort
 from .inflight import InFlight
+from .metrics import MetricsServer, Sources
 from .observe import LatencyHistogram, Observations, ObservedResolver, QueryLog, TimedUpstream
 from .pool import DoqUpstream
 from .resolver import Resolver
@@ -91,8 +92,6 @@ class Operations:
             self._spawn(self._heartbeat())
 
     def _start_metrics(self, address: HostPort) -> None:
-        from .metrics import MetricsServer, Sources  # prometheus-client only when asked for
-
         sources = Sources(
             resolver=lambda: cast(Resolver, self.resolver),
             upstream=lambda: cast(DoqUpstream, self.upstream),

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import grp
+import importlib
 import os
 import pwd
+
+PRELOAD = ("concurrent.futures.thread", "encodings.idna", "stringprep")
+"""Standard-library modules imported lazily at run time (getaddrinfo and to_thread use
+the default executor; IDNA for upstream names). They are imported before the switch,
+because the new user may not be allowed to read the interpreter's directory."""
 
 
 class PrivilegeError(Exception):
@@ -29,6 +35,8 @@ def drop_privileges(user: str) -> tuple[int, int]:
             f"--user {user}: only root can switch users; start as root, or under systemd use "
             "User= or DynamicUser= instead"
         )
+    for module in PRELOAD:
+        importlib.import_module(module)
     try:
         os.setgroups([])
         os.setgid(entry.pw_gid)
