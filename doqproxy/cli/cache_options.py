@@ -85,11 +85,9 @@ def cache_options(command: F) -> F:
 def cache_settings(flags: dict[str, Any]) -> CacheSettings:
     """The :class:`CacheSettings` for the values of the :func:`cache_options` flags.
 
+    ``flags`` may hold other options too; only :data:`CACHE_FLAGS` are read.
     Raises :class:`click.BadParameter` for contradictory values.
     """
-    unknown = set(flags) - set(CACHE_FLAGS)
-    if unknown:
-        raise TypeError(f"unexpected options: {', '.join(sorted(unknown))}")
     if flags["cache_min_ttl"] > flags["cache_max_ttl"]:
         raise click.BadParameter("must not exceed --cache-max-ttl", param_hint="'--cache-min-ttl'")
     return CacheSettings(
