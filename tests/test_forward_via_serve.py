@@ -142,7 +142,7 @@ async def test_serve_restart_down_and_back(chain, tmp_path: Path) -> None:  # ty
 
 
 async def test_serve_with_retry_and_early_data(chain) -> None:  # type: ignore[no-untyped-def]
-    server, start_proxy = chain("--retry")
+    _, start_proxy = chain("--retry")
     proxy = start_proxy("--timeout", "4")
     assert (await ask(proxy)).answer
     await asyncio.sleep(0.3)
