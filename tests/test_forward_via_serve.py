@@ -34,18 +34,10 @@ def chain(
     port = free_port()
 
     def start_serve(*extra: str) -> ServeProcess:
+        args = ["-l", f"127.0.0.1:{port}", "--zone", zone_file, *extra]
+        args += ["--cert", certs_for_serve.cert_file, "--key", certs_for_serve.key_file]
         server = ServeProcess(
-            [
-                "-l",
-                f"127.0.0.1:{port}",
-                "--cert",
-                certs_for_serve.cert_file,
-                "--key",
-                certs_for_serve.key_file,
-                "--zone",
-                zone_file,
-                *extra,
-            ],  # fmt: skip
+            args,
             tmp_path / f"serve-{len(servers)}.log",
         )
         servers.append(server)
@@ -53,22 +45,11 @@ def chain(
 
     def start_proxy(*extra: str) -> ProxyProcess:
         listen = free_port()
+        args = ["forward", "-l", f"127.0.0.1:{listen}", "-u", f"quic://127.0.0.1:{port}"]
+        args += ["--tls-ca-file", certs_for_serve.ca_file, "--tls-server-name", SERVER_NAME]
+        args += ["--state-dir", str(tmp_path / "state"), "--no-cache", *extra]
         proxy = ProxyProcess(
-            [
-                "forward",
-                "-l",
-                f"127.0.0.1:{listen}",
-                "-u",
-                f"quic://127.0.0.1:{port}",
-                "--tls-ca-file",
-                certs_for_serve.ca_file,
-                "--tls-server-name",
-                SERVER_NAME,
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--no-cache",
-                *extra,
-            ],  # fmt: skip
+            args,
             listen,
             tmp_path / f"proxy-{len(proxies)}.log",
         )
