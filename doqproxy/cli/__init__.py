@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .check_config import check_config
 from .forward import forward
 from .query import query
 from .serve import serve
@@ -16,5 +17,6 @@ def main() -> None:
 
 
 main.add_command(forward)
+main.add_command(check_config)
 main.add_command(query)
 main.add_command(serve)

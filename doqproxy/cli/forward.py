@@ -13,10 +13,11 @@ from ..listen_tcp import TcpLimits
 from ..operations import OpsSettings
 from ..privileges import PrivilegeError, drop_privileges
 from ..sockets import ListenError
+from . import config
 from .pool_options import pool_options, pool_settings
 
 
-@click.command()
+@click.command(cls=config.ConfigCommand)
 @click.option(
     "-l",
     "--listen",
@@ -147,6 +148,8 @@ def forward(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
     )
+    if config.deliver(settings):  # check-config or a reload: settings only
+        return
     runtime.setup_logging(verbose)
     try:
         sockets = systemd.listen_sockets() or forwarder.bind_all(settings)
@@ -159,7 +162,8 @@ def forward(
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None
-    raise SystemExit(runtime.run(lambda: forwarder.serve(settings, sockets)))
+    reload = config.reloader()
+    raise SystemExit(runtime.run(lambda: forwarder.serve(settings, sockets, reload)))
 
 
 def check_ca_file(path: str) -> None:
