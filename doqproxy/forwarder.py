@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import runtime
 from .addresses import HostPort, UpstreamUrl
+from .cache import CacheSettings, make_cache
 from .doq_client import client_configuration
 from .inflight import InFlight
 from .listen_tcp import TcpFrontEnd, TcpLimits
@@ -43,6 +44,7 @@ class ForwardSettings:
     state_dir: Path | None = None
     """Where session tickets persist; ``None`` keeps them in memory only."""
     ops: OpsSettings = field(default_factory=OpsSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 def bind_all(settings: ForwardSettings) -> list[tuple[socket.socket, socket.socket]]:
@@ -89,7 +91,9 @@ async def serve(
     stop = runtime.stop_event()
     ops = Operations(settings.ops)
     upstream = make_upstream(settings)
-    resolver = Resolver(ops.wrap_upstream(upstream), timeout=settings.timeout)
+    resolver = Resolver(
+        ops.wrap_upstream(upstream), timeout=settings.timeout, cache=make_cache(settings.cache)
+    )
     front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()
     tcp_front = TcpFrontEnd(front_resolver, inflight, settings.tcp)
@@ -138,6 +142,7 @@ async def serve(
     if reloader is not None:
         await reloader.aclose()
     await ops.close()
+    await resolver.aclose()
     await (ops.upstream or upstream).aclose()
     return status
 

@@ -10,6 +10,7 @@ per-message deadline, so a slow sender cannot hold a connection open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections import Counter
@@ -86,6 +87,7 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.pending: set[asyncio.Task[None]] = set()
+        self.peer = writer.get_extra_info("peername")
         self.slots = asyncio.Semaphore(front.limits.max_pipelined)
 
     async def serve(self) -> None:
@@ -97,6 +99,10 @@ class _Connection:
             if len(message) < wire.HEADER_LEN:
                 log.debug("closing TCP connection: %d-octet message", len(message))
                 break
+            reply = self.front.resolver.cached_reply(message, udp=False, client=self.peer)
+            if reply is not None:
+                self._send(reply)
+                continue
             await self.slots.acquire()
             task = self.front.inflight.spawn(self._answer(message))
             self.pending.add(task)
@@ -133,14 +139,18 @@ class _Connection:
 
     async def _answer(self, message: bytes) -> None:
         try:
-            reply = await self.front.resolver.resolve(message, udp=False)
+            reply = await self.front.resolver.resolve(message, udp=False, client=self.peer)
         finally:
             self.slots.release()
-        writer = self.writer
-        if reply is None or writer.is_closing():
-            return  # dropped query, or the client has gone: drop quietly
-        try:
-            writer.write(struct.pack("!H", len(reply)) + reply)
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass
+        if reply is not None:
+            self._send(reply)
+            await self._drain()
+
+    def _send(self, reply: bytes) -> None:
+        """Write one framed reply, dropping it quietly if the client has gone."""
+        if not self.writer.is_closing():
+            self.writer.write(struct.pack("!H", len(reply)) + reply)
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.drain()

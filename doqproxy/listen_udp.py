@@ -25,11 +25,18 @@ class UdpFrontEnd(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if self.accepting:
-            self.inflight.spawn(self._answer(data, addr))
+        if not self.accepting:
+            return
+        # A cache hit is answered right here, without the cost of a task.
+        reply = self.resolver.cached_reply(data, udp=True, client=addr)
+        if reply is not None:
+            if self.transport is not None:
+                self.transport.sendto(reply, addr)
+            return
+        self.inflight.spawn(self._answer(data, addr))
 
     async def _answer(self, data: bytes, addr: Any) -> None:
-        reply = await self.resolver.resolve(data, udp=True)
+        reply = await self.resolver.resolve(data, udp=True, client=addr)
         transport = self.transport
         if reply is not None and transport is not None and not transport.is_closing():
             transport.sendto(reply, addr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import rewrite, validate, wire
 from .cache import AnswerCache
@@ -81,10 +82,11 @@ class Resolver:
         if cache is not None:
             cache.prefetch_hook = self._refresh
 
-    def cached_reply(self, data: bytes, *, udp: bool) -> bytes | None:
+    def cached_reply(self, data: bytes, *, udp: bool, client: Any = None) -> bytes | None:
         """The reply straight from the cache, or ``None`` if :meth:`resolve` is needed.
 
         Synchronous, so a front end can answer hits without starting a task.
+        ``client`` (the peer address) is for observers that wrap the resolver.
         """
         cache = self.cache
         if cache is None:
@@ -94,8 +96,11 @@ class Resolver:
             self.stats.queries += 1
         return reply
 
-    async def resolve(self, data: bytes, *, udp: bool) -> bytes | None:
-        """The reply to send for ``data``, or ``None`` to send nothing."""
+    async def resolve(self, data: bytes, *, udp: bool, client: Any = None) -> bytes | None:
+        """The reply to send for ``data``, or ``None`` to send nothing.
+
+        ``client`` (the peer address) is for observers that wrap the resolver.
+        """
         if self.cache is not None:
             reply = self.cache.fast_reply(data, udp)
             if reply is not None:

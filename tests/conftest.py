@@ -123,7 +123,10 @@ def start_proxy(tmp_path: Path, certs: Certs) -> Iterator[object]:
     """Start ``doqproxy forward`` against a DoQ upstream port; returns a ProxyProcess."""
     started: list[ProxyProcess] = []
 
-    def start(upstream_port: int, *extra: str, ca_file: str | None = None) -> ProxyProcess:
+    def start(
+        upstream_port: int, *extra: str, ca_file: str | None = None, cache: bool = False
+    ) -> ProxyProcess:
+        """Most tests look at the upstream side, so the cache is off unless asked for."""
         port = free_port()
         args = [
             "forward",
@@ -135,6 +138,8 @@ def start_proxy(tmp_path: Path, certs: Certs) -> Iterator[object]:
         ]  # fmt: skip
         if "--state-dir" not in extra:
             args += ["--state-dir", str(tmp_path / "state")]
+        if not cache:
+            args.append("--no-cache")
         proxy = ProxyProcess(args, port, tmp_path / f"proxy-{port}.log")
         started.append(proxy)
         proxy.wait_ready()

@@ -14,6 +14,7 @@ from ..operations import OpsSettings
 from ..privileges import PrivilegeError, drop_privileges
 from ..sockets import ListenError
 from . import config
+from .cache_options import cache_options, cache_settings
 from .pool_options import pool_options, pool_settings
 
 
@@ -93,6 +94,7 @@ from .pool_options import pool_options, pool_settings
     help="Switch to this user after binding when started as root (not needed under systemd).",
 )
 @pool_options
+@cache_options
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
@@ -147,6 +149,7 @@ def forward(
         ops=OpsSettings(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
+        cache=cache_settings(options),
     )
     if config.deliver(settings):  # check-config or a reload: settings only
         return
