@@ -100,7 +100,11 @@ def client_reply(
     """
     opt = response_opt(question.edns, parsed.edns)
     reply = response
-    if parsed.edns is not None or opt is not None:
+    if parsed.edns is not None and parsed.edns.end != len(response):
+        # Records follow the OPT (a TSIG must be last). Resizing the OPT would move
+        # names that their compression pointers refer to, so it is passed as is.
+        opt = response[parsed.edns.start : parsed.edns.end]
+    elif parsed.edns is not None or opt is not None:
         reply = wire.replace_opt(reply, parsed.edns, opt)
     # Client's ID and, when the answer's question is stored uncompressed (as it
     # always is in practice), the client's spelling of the name (0x20 mixed case).

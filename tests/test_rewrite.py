@@ -161,3 +161,16 @@ def test_frame_limits() -> None:
         doq.frame(b"")
     with pytest.raises(ValueError):
         doq.frame(b"x" * 65536)
+
+
+def test_client_reply_leaves_an_opt_that_is_not_last_alone() -> None:
+    data, q = query(use_edns=0)
+    response = dns.message.from_wire(answer_for(data))
+    tail = b"\x01a\x04test\x00\x00\x10\x00\x01\x00\x00\x00\x3c\x00\x02\x01x"  # TXT after OPT
+    raw = bytearray(response.to_wire())
+    raw[11] += 1  # ARCOUNT
+    raw += tail
+    parsed = rewrite.check_response(bytes(raw), q)
+    reply = rewrite.client_reply(bytes(raw), parsed, q, udp=False)
+    assert reply[2:] == bytes(raw)[2:]
+    assert dns.message.from_wire(reply).id == 4321
