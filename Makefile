@@ -26,8 +26,8 @@ debian-tools:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check doqproxy tests bench
-	$(VENV)/bin/ruff format --check doqproxy tests bench
+	$(VENV)/bin/ruff check doqproxy tests bench contrib
+	$(VENV)/bin/ruff format --check doqproxy tests bench contrib
 	$(VENV)/bin/mypy
 
 test: venv debian-tools lint
