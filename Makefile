@@ -38,5 +38,10 @@ DEMO_PORT ?= 5353
 demo: venv
 	$(PY) contrib/demo/run_demo.py --port $(DEMO_PORT)
 
+# Not part of `make test`: about 4 minutes; installs dnsperf/unbound/dnsmasq and py-spy
+# when missing. Markdown on stdout, figures in bench/results/latest.json (BENCHMARKS.md).
+bench: venv
+	$(PY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,132 @@
+"""The miss-path ceiling: a bare aioquic DoQ client, one connection, N concurrent streams.
+
+``python -m bench.bare_client --server 127.0.0.1:P --ca ca.pem --names q.txt --seconds 10``
+sends the same queries doqproxy forward would (EDNS, padded to 128 bytes, ID 0) for
+the given time and prints one JSON line: answers, rcodes, seconds, queries/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import struct
+import time
+from collections import Counter
+from typing import Any, cast
+
+import dns.message
+import dns.rcode
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import QuicEvent, StreamDataReceived, StreamReset
+
+
+class BareClient(QuicConnectionProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiters: dict[int, asyncio.Future[bytes]] = {}
+        self.buffers: dict[int, bytearray] = {}
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            buffer = self.buffers.setdefault(event.stream_id, bytearray())
+            buffer += event.data
+            if event.end_stream:
+                del self.buffers[event.stream_id]
+                waiter = self.waiters.pop(event.stream_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(bytes(buffer[2:]))
+        elif isinstance(event, StreamReset):
+            waiter = self.waiters.pop(event.stream_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionError("stream reset"))
+
+    async def ask(self, wire: bytes) -> bytes:
+        stream_id = self._quic.get_next_available_stream_id()
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters[stream_id] = waiter
+        self._quic.send_stream_data(stream_id, struct.pack("!H", len(wire)) + wire, True)
+        self.transmit()
+        return cast(bytes, await waiter)
+
+
+def queries(path: str) -> list[bytes]:
+    wires = []
+    with open(path) as handle:
+        for line in handle:
+            name, rdtype = line.split()
+            message = dns.message.make_query(name, rdtype, use_edns=0, pad=128)
+            message.id = 0
+            wires.append(message.to_wire())
+    return wires
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    host, _, port = args.server.rpartition(":")
+    configuration = QuicConfiguration(alpn_protocols=["doq"], is_client=True)
+    configuration.server_name = args.server_name
+    configuration.load_verify_locations(args.ca)
+    configuration.verify_mode = ssl.CERT_REQUIRED
+    wires = queries(args.names)
+    rcodes: Counter[str] = Counter()
+    errors = 0
+    position = 0
+    async with connect(
+        host, int(port), configuration=configuration, create_protocol=BareClient
+    ) as client:
+        assert isinstance(client, BareClient)
+        started = time.perf_counter()
+        deadline = started + args.seconds
+
+        async def worker() -> None:
+            nonlocal position, errors
+            while time.perf_counter() < deadline:
+                wire = wires[position % len(wires)]
+                position += 1
+                try:
+                    answer = await asyncio.wait_for(client.ask(wire), 5.0)
+                except (TimeoutError, ConnectionError):
+                    errors += 1
+                    continue
+                rcodes[dns.rcode.to_text(dns.rcode.Rcode(answer[3] & 0x0F))] += 1
+
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - started
+    answered = sum(rcodes.values())
+    return {
+        "answered": answered,
+        "errors": errors,
+        "rcodes": dict(rcodes),
+        "seconds": elapsed,
+        "qps": answered / elapsed,
+        "concurrency": args.concurrency,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--server", required=True, help="HOST:PORT of the DoQ server")
+    parser.add_argument("--server-name", default="doq.bench.test")
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--names", required=True, help="dnsperf data file: NAME TYPE per line")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args()
+    result: dict[str, Any]
+    try:
+        if args.no_uvloop:
+            raise ImportError
+        import uvloop
+
+        result = uvloop.run(bench(args))
+    except ImportError:
+        result = asyncio.run(bench(args))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

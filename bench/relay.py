@@ -1,0 +1,104 @@
+"""A user-space UDP relay that adds a fixed delay each way (the kernel here has no netem).
+
+``python -m bench.relay --listen 127.0.0.1:P --upstream 127.0.0.1:Q --delay-ms 25``
+prints ``ready PORT`` once it listens. Each client address gets its own upstream
+socket, so a QUIC connection keeps its 4-tuple as the server sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Callable
+from typing import cast
+
+Address = tuple[str, int]
+
+
+class Upstream(asyncio.DatagramProtocol):
+    """The socket for one client: what comes back goes to that client, delayed."""
+
+    def __init__(self, relay: Relay, client: Address) -> None:
+        self.relay = relay
+        self.client = client
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.relay.later(self.relay.to_client, data, self.client)
+
+
+class Relay(asyncio.DatagramProtocol):
+    def __init__(self, upstream: Address, delay: float) -> None:
+        self.upstream = upstream
+        self.delay = delay
+        self.transport: asyncio.DatagramTransport | None = None
+        self.clients: dict[Address, asyncio.Future[Upstream]] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def later(self, send: Callable[[bytes, Address], None], data: bytes, addr: Address) -> None:
+        asyncio.get_running_loop().call_later(self.delay, send, data, addr)
+
+    def to_client(self, data: bytes, addr: Address) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        future = self.clients.get(addr)
+        if future is None:
+            future = asyncio.ensure_future(self._open(addr))
+            self.clients[addr] = future
+        self.later(self._to_upstream, data, addr)
+
+    def _to_upstream(self, data: bytes, addr: Address) -> None:
+        future = self.clients[addr]
+        if future.done():
+            transport = future.result().transport
+            if transport is not None:
+                transport.sendto(data)
+        else:
+            future.add_done_callback(lambda f: self._to_upstream(data, addr))
+
+    async def _open(self, client: Address) -> Upstream:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_datagram_endpoint(
+            lambda: Upstream(self, client), remote_addr=self.upstream
+        )
+        return protocol
+
+
+def parse_address(text: str) -> Address:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+async def main_async(listen: Address, upstream: Address, delay: float) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: Relay(upstream, delay), local_addr=listen
+    )
+    print("ready", transport.get_extra_info("sockname")[1], flush=True)
+    await stop.wait()
+    transport.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="delay each way")
+    args = parser.parse_args()
+    delay = args.delay_ms / 1000
+    asyncio.run(main_async(parse_address(args.listen), parse_address(args.upstream), delay))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Turn the measurements into JSON entries, the goal checks and the markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .dnsperf import PerfResult
+
+TIMES = "\u00d7"  # the multiplication sign, for ratios
+
+
+def perf_entry(run: PerfResult) -> dict[str, Any]:
+    return {
+        "qps": round(run.qps, 1),
+        "avg_ms": round(run.avg_ms, 3),
+        "sent": run.sent,
+        "completed": run.completed,
+        "lost": run.lost,
+        "rcodes": run.rcodes,
+        "valid": run.all_noerror,
+    }
+
+
+def hit_entry(run: PerfResult, paced: PerfResult, cpu: float, limit: int) -> dict[str, Any]:
+    entry = perf_entry(run)
+    entry["cpu_pct"] = round(cpu)
+    entry["paced"] = perf_entry(paced) | {
+        "qps_limit": limit,
+        "p50_ms": round(paced.percentile(50), 3),
+        "p99_ms": round(paced.percentile(99), 3),
+        "p999_ms": round(paced.percentile(99.9), 3),
+    }
+    return entry
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal from issues 4, 5 and 6 with the measured value and whether it is met."""
+    names = _get(results, "memory", "names") or 0
+    hit = _get(results, "cache_hit", "doqproxy") or {}
+    paced = hit.get("paced", {})
+    p99 = paced.get("p99_ms") if paced.get("valid") else None
+    rows = [
+        ("cache hit q/s, doqproxy / Unbound", _get(results, "cache_hit", "ratio_unbound"),
+         TIMES, ">=", 0.6),
+        ("cache hit q/s, doqproxy / dnsmasq", _get(results, "cache_hit", "ratio_dnsmasq"),
+         TIMES, None, None),
+        (f"cache hit p99 latency at {paced.get('qps_limit', 10000):,} q/s", p99,
+         "ms", "<=", 1.0),
+        ("first query after restart (0-RTT), 50 ms RTT, median",
+         _get(results, "link", "restart_0rtt_ms", "median"), "ms", "<=", 60.0),
+        ("warm miss on an open connection, 50 ms RTT, median",
+         _get(results, "link", "warm_miss_ms", "median"), "ms", "<=", 52.0),
+        ("first query, empty state dir (full handshake), 50 ms RTT, median",
+         _get(results, "link", "full_handshake_ms", "median"), "ms", None, None),
+        (f"RSS after {names:,} names", _get(results, "memory", "rss_mb"), "MB", "<=", 80.0),
+        ("miss path q/s, doqproxy / bare aioquic client", _get(results, "miss_path", "ratio"),
+         TIMES, ">=", 0.9),
+    ]  # fmt: skip
+    found = []
+    for name, value, unit, op, target in rows:
+        met = None
+        if value is not None and target is not None:
+            met = value >= target if op == ">=" else value <= target
+        goal = f"{'≥' if op == '>=' else '≤'} {target:g} {unit}" if target is not None else ""
+        found.append({"name": name, "value": value, "unit": unit, "goal": goal, "met": met})
+    return found
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: "—"}[met]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine, versions = results["machine"], results["versions"]
+    out = [
+        f"Command: `{results['command']}` ({results['mode']} mode, {results['elapsed_s']} s)  ",
+        f"Date: {results['date']}  ",
+        f"Machine: {machine['nproc']} cores, {machine['cpu']}, Linux {machine['kernel']}; "
+        f"load average {machine['loadavg_at_start']} at start, "
+        f"{machine['loadavg_at_end']} at end  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "  ",
+        f"Backends: DoQ: {results['backends']['doq']}; plain DNS for the peers: "
+        f"{results['backends']['plain']}",
+        "",
+        "| goal | measured | target | met |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for goal in results["goals"]:
+        value = _fmt(goal["value"], 3 if goal["unit"] == TIMES else 1)
+        unit = "" if goal["value"] is None else f" {goal['unit']}"
+        out.append(f"| {goal['name']} | {value}{unit} | {goal['goal']} | {_verdict(goal['met'])} |")
+    hit = results["cache_hit"]
+    out += [
+        "",
+        "Cache hit, UDP, 1,000 names, warm (`dnsperf -c 4 -T 1`); p50/p99 from a paced "
+        "`dnsperf -Q` run with per-query latencies (`-v`):",
+        "",
+        "| server | q/s | avg ms | CPU % | paced q/s | p50 ms | p99 ms | p99.9 ms | answers |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for peer in ("doqproxy", "unbound", "dnsmasq"):
+        e = hit[peer]
+        p = e["paced"]
+        valid = (
+            "all NOERROR" if e["valid"] and p["valid"] else f"**{e['rcodes']}, lost {e['lost']}**"
+        )
+        out.append(
+            f"| {peer} | {_fmt(e['qps'], 0)} | {_fmt(e['avg_ms'], 3)} | {e['cpu_pct']} "
+            f"| {_fmt(p['qps'], 0)} | {_fmt(p['p50_ms'], 3)} | {_fmt(p['p99_ms'], 3)} "
+            f"| {_fmt(p['p999_ms'], 3)} | {valid} |"
+        )
+    miss = results["miss_path"]
+    fwd, bare = miss["forward"], miss["bare_client"]
+    cpu = miss["forward_cpu_pct"]
+    out += [
+        "",
+        "Miss path (no cache), same `doqproxy serve --zone`:",
+        "",
+        "| client | q/s | CPU % (forward / serve) | answers |",
+        "| --- | ---: | --- | --- |",
+        f"| dnsperf → doqproxy forward → serve | {_fmt(fwd['qps'], 0)} "
+        f"| {cpu['forward']} / {cpu['serve']} "
+        f"| {'all NOERROR' if fwd['valid'] else fwd['rcodes']} |",
+        f"| bare aioquic client, 1 connection, {bare['concurrency']} streams → serve "
+        f"| {_fmt(bare['qps'], 0)} | — / {bare['serve_cpu_pct']} "
+        f"| {'all NOERROR' if bare['valid'] else bare['rcodes']} |",
+    ]
+    lk = results["link"]
+    out += [
+        "",
+        f"Latency over a link: relay adding {lk['rtt_ms']:g} ms RTT, {lk['runs']} runs, "
+        "client's view (UDP query sent → answer):",
+        "",
+        "| case | median ms | min | max | n |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, text in (
+        ("full_handshake_ms", "first query, empty state dir"),
+        ("restart_0rtt_ms", "first query after restart (saved ticket)"),
+        ("warm_miss_ms", "warm miss, open connection"),
+    ):
+        s = lk[key]
+        out.append(f"| {text} | {s['median']} | {s['min']} | {s['max']} | {s['n']} |")
+    out.append(
+        f"\nRestarts whose first connection had early data accepted: "
+        f"{lk['restarts_with_early_data_accepted']} of {lk['runs']}; session resumed: "
+        f"{lk['restarts_with_session_resumed']} of {lk['runs']}."
+    )
+    mem = results["memory"]
+    entries = mem["cache_entries"]
+    out.append(
+        f"\nMemory: VmRSS {mem['rss_mb_start']} MB after start, {mem['rss_mb']} MB after "
+        f"{mem['names']:,} distinct names ({_fmt(entries)} cache entries; answers "
+        f"{'all NOERROR' if mem['answers']['valid'] else mem['answers']['rcodes']})."
+    )
+    prof = miss.get("profile")
+    if prof:
+        out += ["", f"Miss-path profile of doqproxy forward (py-spy, {prof['samples']} samples):"]
+        shares = ", ".join(f"{k} {v}%" for k, v in prof["self_by_package_pct"].items())
+        out.append(f"- self time by package: {shares}")
+        out.append("- top self time: " + "; ".join(
+            f"{k} {v}%" for k, v in list(prof["top_self_pct"].items())[:6]))  # fmt: skip
+    for note in results.get("notes", []):
+        out.append(f"\nNote: {note}")
+    return "\n".join(out)
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """A PNG of the three link cases when matplotlib is installed (the ``bench`` extra)."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return False
+    link = results["link"]
+    cases = [
+        ("full handshake", link["full_handshake_ms"]["samples"]),
+        ("restart, 0-RTT", link["restart_0rtt_ms"]["samples"]),
+        ("warm miss", link["warm_miss_ms"]["samples"]),
+    ]
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.boxplot([samples for _, samples in cases], labels=[name for name, _ in cases])
+    axes.axhline(link["rtt_ms"], linestyle=":", color="grey", label=f"RTT {link['rtt_ms']:g} ms")
+    axes.set_ylabel("ms until the answer")
+    axes.set_title("doqproxy forward over a 50 ms RTT link")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

@@ -1,0 +1,386 @@
+"""The benchmark run: set up the backends, measure every case in turn, report.
+
+Usage: ``python -m bench [--quick] [--output PATH] [--no-install]``. The markdown
+report goes to stdout, progress to stderr, the figures to ``bench/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import dnsperf, link, peers, profile, report
+from .procs import (
+    LOOPBACK,
+    REPO,
+    SERVER_NAME,
+    BenchError,
+    Child,
+    Children,
+    Notify,
+    cpu_seconds,
+    doqproxy_argv,
+    free_port,
+    make_certificates,
+    rss_kib,
+    wait_answering,
+    wait_log,
+)
+
+RESULTS = REPO / "bench" / "results" / "latest.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    hit_seconds: float
+    p99_seconds: float
+    p99_qps: int
+    miss_seconds: float
+    profile_seconds: float
+    link_runs: int
+    link_rtt_ms: float
+    hit_names: int
+    memory_names: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(True, 1, 1, 10_000, 1, 1, 2, 50, 1000, 2000)
+        return cls(False, 10, 5, 10_000, 8, 5, 10, 50, 1000, 100_000)
+
+
+def progress(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, plan: Plan, workdir: Path, children: Children) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.children = children
+        self.notes: list[str] = []
+        self.ca, self.cert, self.key = make_certificates(workdir)
+        help_text = subprocess.run(
+            doqproxy_argv("forward", "--help"), capture_output=True, text=True, check=True
+        ).stdout
+        self.forward_caches = "--no-cache" in help_text
+        self.forward_metrics = "--metrics-listen" in help_text
+        self.hit_file = peers.write_queries(workdir / "hit.txt", peers.hit_names(plan.hit_names))
+        self.memory_file = peers.write_queries(
+            workdir / "memory.txt", peers.memory_names(plan.memory_names)
+        )
+        self.doq_port = 0
+        self.plain_port = 0
+        self.forwards = 0
+
+    # -- processes -------------------------------------------------------------------
+
+    def start_backends(self) -> None:
+        zone = self.workdir / "bench.zone"
+        peers.write_zone(zone, self.plan.hit_names, self.plan.memory_names)
+        serve = self.children.start(
+            "serve",
+            doqproxy_argv(
+                "serve", "-v", "-l", f"{LOOPBACK}:0", "--cert", str(self.cert),
+                "--key", str(self.key), "--zone", str(zone),
+            ),
+        )  # fmt: skip
+        conf = peers.write_unbound_backend(
+            self.workdir / "unbound-backend", free_port(), self.plan.hit_names
+        )
+        self.plain_port = int(conf.read_text().split("port: ", 1)[1].split()[0])
+        backend = self.children.start("unbound-backend", peers.unbound_argv(conf))
+        self.doq_port = int(wait_log(serve, r"listening on quic://[\d.]+:(\d+)", 60)[1])
+        wait_answering(backend, self.plain_port, "n0.bench.test")
+        self.serve = serve
+
+    def start_forward(
+        self, name: str, upstream_port: int, state: Path, *, cache: bool = True
+    ) -> tuple[Child, int, int | None]:
+        self.forwards += 1
+        port = free_port()
+        notify = Notify(self.workdir / f"notify-{self.forwards}")
+        argv = doqproxy_argv(
+            "forward", "-l", f"{LOOPBACK}:{port}", "-u", f"quic://{LOOPBACK}:{upstream_port}",
+            "--tls-ca-file", str(self.ca), "--tls-server-name", SERVER_NAME,
+            "--state-dir", str(state),
+        )  # fmt: skip
+        if not cache and self.forward_caches:
+            argv.append("--no-cache")
+        metrics_port = None
+        if self.forward_metrics:
+            metrics_port = free_port()
+            argv += ["--metrics-listen", f"{LOOPBACK}:{metrics_port}"]
+        try:
+            child = self.children.start(name, argv, env={"NOTIFY_SOCKET": str(notify.path)})
+            notify.wait_ready(child)
+        finally:
+            notify.close()
+        return child, port, metrics_port
+
+    def perf(self, port: int, label: str, **options: Any) -> dnsperf.PerfResult:
+        out = self.workdir / f"dnsperf-{label}.txt"
+        return dnsperf.run(port, options.pop("datafile", self.hit_file), out, **options)
+
+    # -- cases -----------------------------------------------------------------------
+
+    def cache_hit(self) -> dict[str, Any]:
+        """Warm cache, UDP, dnsperf -c 4 -T 1: doqproxy forward, Unbound, dnsmasq in turn."""
+        plan = self.plan
+        found: dict[str, Any] = {}
+        for peer in ("doqproxy", "unbound", "dnsmasq"):
+            progress(f"cache hit: {peer}")
+            if peer == "doqproxy":
+                child, port, _ = self.start_forward("forward-hit", self.doq_port, self.state())
+            else:
+                port = free_port()
+                if peer == "unbound":
+                    conf = peers.write_unbound_peer(
+                        self.workdir / "unbound-peer", port, self.plain_port
+                    )
+                    child = self.children.start("unbound-peer", peers.unbound_argv(conf))
+                else:
+                    argv = peers.dnsmasq_argv(port, self.plain_port)
+                    child = self.children.start("dnsmasq", argv)
+                wait_answering(child, port, "n0.bench.test")
+            try:
+                warm = self.perf(port, f"{peer}-warm", runs=1, clients=4)
+                if not warm.all_noerror:
+                    raise BenchError(f"{peer} warm-up: {warm.rcode_text()}")
+                cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
+                run = self.perf(port, f"{peer}-hit", seconds=plan.hit_seconds)
+                cpu = 100 * (cpu_seconds(child.pid) - cpu0) / (time.monotonic() - t0)
+                paced = self.perf(
+                    port, f"{peer}-p99", seconds=plan.p99_seconds,
+                    qps_limit=plan.p99_qps, verbose=True,
+                )  # fmt: skip
+            finally:
+                self.children.stop(child)
+            found[peer] = report.hit_entry(run, paced, cpu, plan.p99_qps)
+        for peer in ("unbound", "dnsmasq"):
+            ours, theirs = found["doqproxy"]["qps"], found[peer]["qps"]
+            ok = found["doqproxy"]["valid"] and found[peer]["valid"]
+            found[f"ratio_{peer}"] = round(ours / theirs, 3) if ok and theirs else None
+        found["doqproxy_cache"] = self.forward_caches
+        if not self.forward_caches:
+            self.notes.append(
+                "this build of `doqproxy forward` has no cache (no --no-cache option): "
+                "its 'cache hit' figures are misses through DoQ"
+            )
+        return found
+
+    def miss_path(self, spy: str | None) -> dict[str, Any]:
+        """dnsperf → forward (cache off) → serve, then the bare client against the same serve."""
+        plan = self.plan
+        progress("miss path: doqproxy forward --no-cache")
+        child, port, _ = self.start_forward(
+            "forward-miss", self.doq_port, self.state(), cache=False
+        )
+        try:
+            warm = self.perf(port, "miss-warm", runs=1)
+            if not warm.all_noerror:
+                raise BenchError(f"miss path warm-up: {warm.rcode_text()}")
+            pids = {"forward": child.pid, "serve": self.serve.pid}
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            t0 = time.monotonic()
+            run = self.perf(port, "miss", seconds=plan.miss_seconds)
+            elapsed = time.monotonic() - t0
+            cpu = {
+                name: round(100 * (cpu_seconds(pid) - before[name]) / elapsed)
+                for name, pid in pids.items()
+            }
+            found: dict[str, Any] = {
+                "forward": report.perf_entry(run),
+                "forward_cpu_pct": cpu,
+            }
+            if spy is not None:
+                progress("miss path: py-spy on doqproxy forward")
+                spy_out = self.workdir / "py-spy.txt"
+                spying = profile.start(spy, child.pid, plan.profile_seconds, spy_out)
+                time.sleep(0.3)
+                self.perf(port, "miss-profile", seconds=plan.profile_seconds)
+                found["profile"] = profile.finish(spying, spy_out)
+            else:
+                found["profile"] = None
+        finally:
+            self.children.stop(child)
+        progress("miss path: bare aioquic client")
+        bare = self.bare_client()
+        found["bare_client"] = bare
+        ours = found["forward"]
+        bare_ok = bare["errors"] == 0 and set(bare["rcodes"]) == {"NOERROR"}
+        bare["valid"] = bare_ok
+        found["ratio"] = round(ours["qps"] / bare["qps"], 3) if ours["valid"] and bare_ok else None
+        return found
+
+    def bare_client(self) -> dict[str, Any]:
+        argv = [
+            sys.executable, "-m", "bench.bare_client",
+            "--server", f"{LOOPBACK}:{self.doq_port}", "--ca", str(self.ca),
+            "--server-name", SERVER_NAME, "--names", str(self.hit_file),
+            "--seconds", str(self.plan.miss_seconds), "--concurrency", "100",
+        ]  # fmt: skip
+        cpu0 = cpu_seconds(self.serve.pid)
+        t0 = time.monotonic()
+        child = self.children.start("bare-client", argv)
+        child.proc.wait(self.plan.miss_seconds + 60)
+        elapsed = time.monotonic() - t0
+        self.children.stop(child)
+        lines = child.log.read_text().strip().splitlines()
+        if child.proc.returncode != 0 or not lines:
+            raise BenchError(f"bare client failed:\n{child.tail()}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        result["qps"] = round(result["qps"], 1)
+        result["serve_cpu_pct"] = round(100 * (cpu_seconds(self.serve.pid) - cpu0) / elapsed)
+        return result
+
+    def link(self) -> dict[str, Any]:
+        plan = self.plan
+        progress(f"link: relay adding {plan.link_rtt_ms:g} ms RTT, {plan.link_runs} runs")
+        relay = self.children.start(
+            "relay",
+            [
+                sys.executable, "-m", "bench.relay", "--listen", f"{LOOPBACK}:0",
+                "--upstream", f"{LOOPBACK}:{self.doq_port}",
+                "--delay-ms", str(plan.link_rtt_ms / 2),
+            ],
+        )  # fmt: skip
+        relay_port = int(wait_log(relay, r"ready (\d+)")[1])
+
+        def start(name: str, state: Path) -> tuple[Child, int, int | None]:
+            return self.start_forward(name, relay_port, state)
+
+        try:
+            result = link.measure(
+                plan.link_runs,
+                plan.link_rtt_ms,
+                peers.hit_names(plan.hit_names),
+                self.workdir / "link",
+                start,
+                self.children.stop,
+            )
+        finally:
+            self.children.stop(relay)
+        return result.as_dict()
+
+    def memory(self) -> dict[str, Any]:
+        names = self.plan.memory_names
+        progress(f"memory: {names} distinct names through doqproxy forward")
+        child, port, metrics_port = self.start_forward(
+            "forward-memory", self.doq_port, self.state()
+        )
+        try:
+            time.sleep(0.2)
+            before = rss_kib(child.pid)
+            run = self.perf(port, "memory", datafile=self.memory_file, runs=1, outstanding=100)
+            time.sleep(0.2)
+            after = rss_kib(child.pid)
+            entries = None
+            if metrics_port is not None and self.forward_caches:
+                entries = link.scrape(metrics_port).get("doqproxy_cache_entries")
+        finally:
+            self.children.stop(child)
+        return {
+            "names": names,
+            "answers": report.perf_entry(run),
+            "rss_mb_start": round(before / 1024, 1),
+            "rss_mb": round(after / 1024, 1),
+            "cache_entries": None if entries is None else int(entries),
+            "metrics_listen_on": metrics_port is not None,
+        }
+
+    def state(self) -> Path:
+        path = self.workdir / f"state-{self.forwards}"
+        path.mkdir(exist_ok=True)
+        return path
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="about a second per case")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get/pip install")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temp dir (logs) for debugging"
+    )
+    args = parser.parse_args(argv)
+    plan = Plan.make(args.quick)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    started = time.monotonic()
+    setup_log: list[str] = []
+    try:
+        if not args.no_install:
+            peers.install_tools(setup_log)
+        elif peers.missing_tools():
+            raise BenchError(f"missing tools: {', '.join(peers.missing_tools())}")
+        spy = None
+        if not args.no_profile:
+            spy = profile.py_spy(setup_log, install=not args.no_install)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 3
+    for line in setup_log:
+        progress(line)
+    workdir = Path(tempfile.mkdtemp(prefix="doqproxy-bench-"))
+    children = Children(workdir)
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
+        "mode": "quick" if plan.quick else "full",
+        "machine": peers.machine(),
+        "versions": peers.versions(),
+        "setup": setup_log,
+        "workdir": str(workdir),
+    }
+    try:
+        bench = Bench(plan, workdir, children)
+        progress("starting doqproxy serve --zone (DoQ) and Unbound local-data (plain DNS)")
+        bench.start_backends()
+        results["backends"] = {
+            "doq": f"doqproxy serve --zone ({plan.hit_names} n* + {plan.memory_names} m* names)",
+            "plain": f"Unbound 1 thread, local-zone static + local-data ({plan.hit_names} names)",
+        }
+        results["cache_hit"] = bench.cache_hit()
+        results["miss_path"] = bench.miss_path(spy)
+        results["link"] = bench.link()
+        results["memory"] = bench.memory()
+        results["notes"] = bench.notes
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        children.close()
+        if args.keep:
+            print(f"bench: kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["machine"]["loadavg_at_end"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    results["goals"] = report.goals(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(report.markdown(results))
+    report.plot(results, args.output.with_name("latency.png"))
+    return 0
