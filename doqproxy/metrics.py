@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from .addresses import HostPort
 from .cache import AnswerCache
-from .observe import LatencyHistogram, Observations
+from .observe import LatencyHistogram, Observations, qtype_label, rcode_label
 from .pool import DoqUpstream
 from .resolver import Resolver
 
@@ -81,8 +81,12 @@ class ForwardCollector(Collector):
             "Queries answered, by client transport, query type and response code.",
             labels=["transport", "qtype", "rcode"],
         )
-        for (transport, qtype, rcode), count in dict(self.sources.observations.answers).items():
-            answers.add_metric([transport, qtype, rcode], count)
+        named: dict[tuple[str, str, str], int] = {}
+        for (udp, qtype, rcode), count in dict(self.sources.observations.answers).items():
+            key = ("udp" if udp else "tcp", qtype_label(qtype), rcode_label(rcode))
+            named[key] = named.get(key, 0) + count
+        for labels, count in named.items():
+            answers.add_metric(list(labels), count)
         yield answers
         for name, value, text in (
             ("received", stats.queries, "Queries handed to the resolver."),

@@ -111,6 +111,27 @@ def _qtype_text(qtype: int) -> str:
     return text
 
 
+def raw_qtype(data: bytes) -> int:
+    """The QTYPE of a raw query, or -1; no decoding, for the per-query counters."""
+    pos, end = 12, len(data)
+    while pos < end:
+        length = data[pos]
+        if length == 0:
+            return int.from_bytes(data[pos + 1 : pos + 3], "big") if pos + 3 <= end else -1
+        if length & 0xC0:
+            return -1
+        pos += 1 + length
+    return -1
+
+
+def qtype_label(qtype: int) -> str:
+    return "NONE" if qtype < 0 else _qtype_text(qtype)
+
+
+def rcode_label(rcode: int) -> str:
+    return "DROPPED" if rcode < 0 else dns.rcode.to_text(rcode)  # type: ignore[arg-type]
+
+
 def rcode_text(reply: bytes | None) -> str:
     if reply is None or len(reply) < 4:
         return "DROPPED"
@@ -118,16 +139,23 @@ def rcode_text(reply: bytes | None) -> str:
 
 
 class QueryLog:
-    """JSON lines, one per answered query, to a file (appended) or ``-`` for stdout."""
+    """JSON lines, one per answered query, to a file (appended) or ``-`` for stdout.
+
+    Lines are buffered and written out at least every :data:`FLUSH_INTERVAL`
+    seconds (and at close), so logging costs no system call per query.
+    """
+
+    FLUSH_INTERVAL = 1.0
 
     def __init__(self, target: str) -> None:
         self.target = target
         self._stream: IO[str] = self._open()
+        self._flush_at = 0.0
 
     def _open(self) -> IO[str]:
         if self.target == "-":
             return sys.stdout
-        return open(self.target, "a", buffering=1, encoding="utf-8")
+        return open(self.target, "a", buffering=65536, encoding="utf-8")
 
     def reopen(self) -> None:
         """For log rotation (SIGHUP): close and open the path again."""
@@ -138,21 +166,31 @@ class QueryLog:
     def write(self, record: dict[str, Any]) -> None:
         try:
             self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
-            if self.target == "-":
+            now = time.monotonic()
+            if now >= self._flush_at:
+                self._flush_at = now + self.FLUSH_INTERVAL
                 self._stream.flush()
         except (OSError, ValueError) as exc:
             log.warning("query log %s: %s", self.target, exc)
 
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError) as exc:
+            log.warning("query log %s: %s", self.target, exc)
+
     def close(self) -> None:
+        self.flush()
         if self.target != "-":
             self._stream.close()
 
 
 @dataclass(slots=True)
 class Observations:
-    """What :class:`ObservedResolver` counts: answers by (transport, qtype, rcode)."""
+    """What :class:`ObservedResolver` counts: answers by (udp?, QTYPE, RCODE or -1 for
+    no answer), as raw integers; :mod:`doqproxy.metrics` names them at scrape time."""
 
-    answers: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    answers: dict[tuple[bool, int, int], int] = field(default_factory=dict)
     query_log: QueryLog | None = None
     count: bool = True
 
@@ -202,16 +240,17 @@ class ObservedResolver:
         client: Any,
     ) -> None:
         observations = self.observations
+        if observations.count:
+            key = (udp, raw_qtype(data), reply[3] & 0x0F if reply and len(reply) > 3 else -1)
+            answers = observations.answers
+            answers[key] = answers.get(key, 0) + 1
+        query_log = observations.query_log
+        if query_log is None:
+            return
         question = parse_question(data)
         qname, qtype = question if question is not None else (None, "NONE")
         transport = "udp" if udp else "tcp"
         rcode = rcode_text(reply)
-        if observations.count:
-            key = (transport, qtype, rcode)
-            observations.answers[key] = observations.answers.get(key, 0) + 1
-        query_log = observations.query_log
-        if query_log is None:
-            return
         now = datetime.datetime.now(datetime.UTC)
         query_log.write(
             {

@@ -81,7 +81,9 @@ class Operations:
         """Called once the listeners are up (raises OSError if metrics cannot bind)."""
         self.resolver, self.upstream, self.inflight = resolver, upstream, inflight
         if self.settings.query_log is not None:
-            self.observations.query_log = QueryLog(self.settings.query_log)
+            query_log = QueryLog(self.settings.query_log)
+            self.observations.query_log = query_log
+            self._spawn(self._flush_every(query_log, QueryLog.FLUSH_INTERVAL))
         if self.settings.metrics_listen is not None:
             self._start_metrics(self.settings.metrics_listen)
         loop = asyncio.get_running_loop()
@@ -138,6 +140,12 @@ class Operations:
                 self.notifier.send("WATCHDOG=1", f"STATUS={self.summary()}")
             else:
                 self.notifier.status(self.summary())
+
+    async def _flush_every(self, query_log: QueryLog, interval: float) -> None:
+        """Quiet periods: lines buffered by the last queries still reach the file."""
+        while True:
+            await asyncio.sleep(interval)
+            query_log.flush()
 
     def _sighup(self) -> None:
         log.warning("SIGHUP: reloading the configuration")
