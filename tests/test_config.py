@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from doqproxy.cli import main
 from doqproxy.cli.config import parse
 from doqproxy.cli.forward import forward
-from doqproxy.forwarder import ForwardSettings
 
 from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
@@ -210,10 +209,9 @@ async def test_sighup_reload(certs: Certs, tmp_path: Path) -> None:
         await _wait_for_log(proxy, "reload: done")
         assert await _ask(port, "n2.test.") == "192.0.2.12"
         assert [s.message.question[0].name.to_text() for s in second.state.seen] == ["n2.test."]
-        if "cache" in ForwardSettings.__dataclass_fields__:
-            # The cache survived: a.test. is answered without asking either upstream.
-            assert await _ask(port, "a.test.") == "192.0.2.1"
-            assert len(first.state.seen) == 2 and len(second.state.seen) == 1
+        # The cache survived: a.test. is answered without asking either upstream.
+        assert await _ask(port, "a.test.") == "192.0.2.1"
+        assert len(first.state.seen) == 2 and len(second.state.seen) == 1
         # The TCP listener (and a connection accepted before the reload) still work.
         wire = dns.message.make_query("n3.test.", "A").to_wire()
         writer.write(len(wire).to_bytes(2, "big") + wire)
