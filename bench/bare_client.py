@@ -1,4 +1,4 @@
-"""The miss-path ceiling: a bare aioquic DoQ client, one connection, N concurrent streams.
+"""The miss-path ceiling: a bare aioquic DoQ client, N streams in flight on K connections.
 
 ``python -m bench.bare_client --server 127.0.0.1:P --ca ca.pem --names q.txt --seconds 10``
 sends the same queries doqproxy forward would (EDNS, padded to 128 bytes, ID 0) for
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import ssl
+import statistics
 import struct
 import time
 from collections import Counter
@@ -66,43 +68,55 @@ def queries(path: str) -> list[bytes]:
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     host, _, port = args.server.rpartition(":")
-    configuration = QuicConfiguration(alpn_protocols=["doq"], is_client=True)
-    configuration.server_name = args.server_name
-    configuration.load_verify_locations(args.ca)
-    configuration.verify_mode = ssl.CERT_REQUIRED
     wires = queries(args.names)
     rcodes: Counter[str] = Counter()
+    latencies: list[float] = []
     errors = 0
     position = 0
-    async with connect(
-        host, int(port), configuration=configuration, create_protocol=BareClient
-    ) as client:
-        assert isinstance(client, BareClient)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for _ in range(args.connections):
+            configuration = QuicConfiguration(alpn_protocols=["doq"], is_client=True)
+            configuration.server_name = args.server_name
+            configuration.load_verify_locations(args.ca)
+            configuration.verify_mode = ssl.CERT_REQUIRED
+            client = await stack.enter_async_context(
+                connect(host, int(port), configuration=configuration, create_protocol=BareClient)
+            )
+            clients.append(cast(BareClient, client))
+        cpu0 = time.process_time()
         started = time.perf_counter()
         deadline = started + args.seconds
 
-        async def worker() -> None:
+        async def worker(client: BareClient) -> None:
             nonlocal position, errors
             while time.perf_counter() < deadline:
                 wire = wires[position % len(wires)]
                 position += 1
+                sent = time.perf_counter()
                 try:
                     answer = await asyncio.wait_for(client.ask(wire), 5.0)
                 except (TimeoutError, ConnectionError):
                     errors += 1
                     continue
+                latencies.append((time.perf_counter() - sent) * 1000)
                 rcodes[dns.rcode.to_text(dns.rcode.Rcode(answer[3] & 0x0F))] += 1
 
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        per_connection = max(1, args.concurrency // args.connections)
+        await asyncio.gather(*(worker(c) for c in clients for _ in range(per_connection)))
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu0
     answered = sum(rcodes.values())
     return {
         "answered": answered,
         "errors": errors,
         "rcodes": dict(rcodes),
-        "seconds": elapsed,
+        "seconds": round(elapsed, 3),
         "qps": answered / elapsed,
-        "concurrency": args.concurrency,
+        "connections": args.connections,
+        "concurrency": per_connection * args.connections,
+        "cpu_pct": round(100 * cpu / elapsed),
+        "median_ms": round(statistics.median(latencies), 3) if latencies else None,
     }
 
 
@@ -113,7 +127,8 @@ def main() -> None:
     parser.add_argument("--ca", required=True)
     parser.add_argument("--names", required=True, help="dnsperf data file: NAME TYPE per line")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=100, help="streams in flight")
+    parser.add_argument("--connections", type=int, default=1, help="share them out over these")
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args()
     result: dict[str, Any]

@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import time
 from collections.abc import Callable
 from typing import cast
 
 Address = tuple[str, int]
+EARLY = 0.002  # seconds
+SPIN = 0.0005
 
 
 class Upstream(asyncio.DatagramProtocol):
@@ -42,7 +45,23 @@ class Relay(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def later(self, send: Callable[[bytes, Address], None], data: bytes, addr: Address) -> None:
-        asyncio.get_running_loop().call_later(self.delay, send, data, addr)
+        # The event loop's timers fire up to a millisecond late (epoll's timeout is in
+        # whole ms), which would add ~1 ms per round trip; wake early and sleep the rest.
+        due = time.perf_counter() + self.delay
+        asyncio.get_running_loop().call_later(
+            max(0.0, self.delay - EARLY), self._fire, due, send, data, addr
+        )
+
+    @staticmethod
+    def _fire(
+        due: float, send: Callable[[bytes, Address], None], data: bytes, addr: Address
+    ) -> None:
+        remaining = due - time.perf_counter()
+        if remaining > SPIN:
+            time.sleep(remaining - SPIN)  # a sleep can overshoot by a few hundred µs here
+        while time.perf_counter() < due:
+            pass
+        send(data, addr)
 
     def to_client(self, data: bytes, addr: Address) -> None:
         if self.transport is not None:

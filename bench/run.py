@@ -138,7 +138,7 @@ class Bench:
 
     # -- cases -----------------------------------------------------------------------
 
-    def cache_hit(self) -> dict[str, Any]:
+    def cache_hit(self, spy: str | None) -> dict[str, Any]:
         """Warm cache, UDP, dnsperf -c 4 -T 1: doqproxy forward, Unbound, dnsmasq in turn."""
         plan = self.plan
         found: dict[str, Any] = {}
@@ -168,6 +168,8 @@ class Bench:
                     port, f"{peer}-p99", seconds=plan.p99_seconds,
                     qps_limit=plan.p99_qps, verbose=True,
                 )  # fmt: skip
+                if peer == "doqproxy":
+                    found["profile"] = self.profile(spy, child, port, "hit")
             finally:
                 self.children.stop(child)
             found[peer] = report.hit_entry(run, paced, cpu, plan.p99_qps)
@@ -183,61 +185,81 @@ class Bench:
             )
         return found
 
+    def profile(self, spy: str | None, child: Child, port: int, label: str) -> Any:
+        """py-spy on ``child`` while dnsperf saturates it (a separate, unmeasured run)."""
+        if spy is None:
+            return None
+        progress(f"{label} path: py-spy on doqproxy forward")
+        out = self.workdir / f"py-spy-{label}.txt"
+        spying = profile.start(spy, child.pid, self.plan.profile_seconds, out)
+        time.sleep(0.3)
+        self.perf(port, f"{label}-profile", seconds=self.plan.profile_seconds)
+        return profile.finish(spying, out)
+
     def miss_path(self, spy: str | None) -> dict[str, Any]:
         """dnsperf → forward (cache off) → serve, then the bare client against the same serve."""
         plan = self.plan
         progress("miss path: doqproxy forward --no-cache")
-        child, port, _ = self.start_forward(
+        child, port, metrics_port = self.start_forward(
             "forward-miss", self.doq_port, self.state(), cache=False
         )
         try:
             warm = self.perf(port, "miss-warm", runs=1)
             if not warm.all_noerror:
                 raise BenchError(f"miss path warm-up: {warm.rcode_text()}")
+            rss_before = rss_kib(child.pid)
             pids = {"forward": child.pid, "serve": self.serve.pid}
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             t0 = time.monotonic()
             run = self.perf(port, "miss", seconds=plan.miss_seconds)
             elapsed = time.monotonic() - t0
-            cpu = {
-                name: round(100 * (cpu_seconds(pid) - before[name]) / elapsed)
-                for name, pid in pids.items()
-            }
             found: dict[str, Any] = {
                 "forward": report.perf_entry(run),
-                "forward_cpu_pct": cpu,
+                "forward_cpu_pct": {
+                    name: round(100 * (cpu_seconds(pid) - before[name]) / elapsed)
+                    for name, pid in pids.items()
+                },
             }
-            if spy is not None:
-                progress("miss path: py-spy on doqproxy forward")
-                spy_out = self.workdir / "py-spy.txt"
-                spying = profile.start(spy, child.pid, plan.profile_seconds, spy_out)
-                time.sleep(0.3)
-                self.perf(port, "miss-profile", seconds=plan.profile_seconds)
-                found["profile"] = profile.finish(spying, spy_out)
-            else:
-                found["profile"] = None
+            found["profile"] = self.profile(spy, child, port, "miss")
+            found["forward_rss_mb"] = [
+                round(rss_before / 1024, 1),
+                round(rss_kib(child.pid) / 1024, 1),
+            ]
+            if metrics_port is not None:
+                metrics = link.scrape(metrics_port)
+                found["forward_connections_opened"] = int(
+                    metrics.get("doqproxy_upstream_connections_opened_total", 0)
+                )
         finally:
             self.children.stop(child)
-        progress("miss path: bare aioquic client")
-        bare = self.bare_client()
-        found["bare_client"] = bare
+        bare = {}
+        for connections in (1, 4):
+            progress(f"miss path: bare aioquic client, {connections} connection(s)")
+            bare[str(connections)] = self.bare_client(self.doq_port, connections, 100)
+        found["bare_client"] = bare["1"]
+        found["bare_client_4"] = bare["4"]
         ours = found["forward"]
-        bare_ok = bare["errors"] == 0 and set(bare["rcodes"]) == {"NOERROR"}
-        bare["valid"] = bare_ok
-        found["ratio"] = round(ours["qps"] / bare["qps"], 3) if ours["valid"] and bare_ok else None
+        for key, entry in (("ratio", bare["1"]), ("ratio_4", bare["4"])):
+            found[key] = (
+                round(ours["qps"] / entry["qps"], 3) if ours["valid"] and entry["valid"] else None
+            )
         return found
 
-    def bare_client(self) -> dict[str, Any]:
+    def bare_client(
+        self, port: int, connections: int, concurrency: int, seconds: float | None = None
+    ) -> dict[str, Any]:
+        seconds = self.plan.miss_seconds if seconds is None else seconds
         argv = [
             sys.executable, "-m", "bench.bare_client",
-            "--server", f"{LOOPBACK}:{self.doq_port}", "--ca", str(self.ca),
+            "--server", f"{LOOPBACK}:{port}", "--ca", str(self.ca),
             "--server-name", SERVER_NAME, "--names", str(self.hit_file),
-            "--seconds", str(self.plan.miss_seconds), "--concurrency", "100",
+            "--seconds", str(seconds), "--concurrency", str(concurrency),
+            "--connections", str(connections),
         ]  # fmt: skip
         cpu0 = cpu_seconds(self.serve.pid)
         t0 = time.monotonic()
         child = self.children.start("bare-client", argv)
-        child.proc.wait(self.plan.miss_seconds + 60)
+        child.proc.wait(seconds + 60)
         elapsed = time.monotonic() - t0
         self.children.stop(child)
         lines = child.log.read_text().strip().splitlines()
@@ -246,6 +268,7 @@ class Bench:
         result: dict[str, Any] = json.loads(lines[-1])
         result["qps"] = round(result["qps"], 1)
         result["serve_cpu_pct"] = round(100 * (cpu_seconds(self.serve.pid) - cpu0) / elapsed)
+        result["valid"] = result["errors"] == 0 and set(result["rcodes"]) == {"NOERROR"}
         return result
 
     def link(self) -> dict[str, Any]:
@@ -273,9 +296,13 @@ class Bench:
                 start,
                 self.children.stop,
             )
+            progress("link: floor (bare aioquic client, one query at a time, through the relay)")
+            floor = self.bare_client(relay_port, 1, 1, seconds=2 if plan.quick else 3)
         finally:
             self.children.stop(relay)
-        return result.as_dict()
+        found = result.as_dict()
+        found["floor_bare_client_median_ms"] = floor["median_ms"] if floor["valid"] else None
+        return found
 
     def memory(self) -> dict[str, Any]:
         names = self.plan.memory_names
@@ -359,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             "doq": f"doqproxy serve --zone ({plan.hit_names} n* + {plan.memory_names} m* names)",
             "plain": f"Unbound 1 thread, local-zone static + local-data ({plan.hit_names} names)",
         }
-        results["cache_hit"] = bench.cache_hit()
+        results["cache_hit"] = bench.cache_hit(spy)
         results["miss_path"] = bench.miss_path(spy)
         results["link"] = bench.link()
         results["memory"] = bench.memory()
