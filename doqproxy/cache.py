@@ -17,6 +17,7 @@ goes the long way, through validation and :meth:`AnswerCache.lookup`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import time
@@ -96,19 +97,36 @@ class AnswerCache:
         *,
         clock: Clock = time.monotonic,
     ) -> None:
-        self.settings = settings = settings or CacheSettings()
         self.clock = clock
         self.stats = CacheStats()
         self.prefetch_hook: PrefetchHook | None = None
+        self._apply(settings or CacheSettings())
+        self._store = self._new_store()
+
+    def _apply(self, settings: CacheSettings) -> None:
+        self.settings = settings
         self._policy = TtlPolicy(settings.min_ttl, settings.max_ttl, settings.max_negative_ttl)
         self._keep = settings.serve_stale_max_age if settings.serve_stale else 0
         self._prefetch_at = 1.0 - settings.prefetch_fraction
-        self._store: TLRUCache[bytes, CacheEntry] = TLRUCache(
-            maxsize=settings.max_bytes,
+
+    def _new_store(self) -> TLRUCache[bytes, CacheEntry]:
+        return TLRUCache(
+            maxsize=self.settings.max_bytes,
             ttu=self._time_to_use,
-            timer=clock,
+            timer=self.clock,
             getsizeof=_entry_size,
         )
+
+    def reconfigure(self, settings: CacheSettings) -> None:
+        """Apply new limits (SIGHUP), keeping the entries that still fit.
+
+        TTL bounds apply to answers stored from now on.
+        """
+        self._apply(settings)
+        old, self._store = self._store, self._new_store()
+        for key, entry in list(old.items())[-settings.max_entries :]:
+            with contextlib.suppress(ValueError):  # larger than the new byte bound
+                self._store[key] = entry
 
     def __len__(self) -> int:
         return len(self._store)

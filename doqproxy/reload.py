@@ -59,9 +59,13 @@ class Reloader:
             return False
         if new.listen != old.listen:
             log.warning("reload: listen addresses cannot change without a restart; keeping them")
-        for name in ("cache",):
-            if getattr(new, name, None) != getattr(old, name, None):
-                log.warning("reload: %s settings need a restart to change; keeping them", name)
+        cache = self.resolver.cache
+        if new.cache != old.cache:
+            if cache is None or not new.cache.enabled:
+                log.warning("reload: turning the cache on or off needs a restart")
+            else:
+                cache.reconfigure(new.cache)
+                log.warning("reload: cache limits changed (%d entries kept)", len(cache))
         if upstream is not None:
             previous = self.ops.upstream
             self.ops.upstream = upstream

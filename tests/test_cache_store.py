@@ -208,3 +208,14 @@ def test_nxdomain_reply_for_another_type() -> None:
     assert message.question[0].name == dns.name.from_text("gone.example.")
     assert message.authority[0].ttl == 300
     assert message.flags & dns.flags.QR
+
+
+def test_reconfigure_keeps_entries_within_new_bounds() -> None:
+    cache = AnswerCache(CacheSettings(), clock=FakeClock())
+    for i in range(20):
+        assert store(cache, make_query(f"n{i}.example."), answer_a("192.0.2.1"))
+    cache.reconfigure(CacheSettings(max_entries=5, max_ttl=60))
+    assert len(cache) == 5
+    assert cache.fast_reply(make_query("n19.example."), udp=True) is not None
+    assert store(cache, make_query("new.example."), answer_a("192.0.2.1"))
+    assert len(cache) == 5

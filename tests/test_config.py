@@ -219,6 +219,11 @@ async def test_sighup_reload(certs: Certs, tmp_path: Path) -> None:
         response = dns.message.from_wire(await asyncio.wait_for(reader.readexactly(length), 10))
         assert str(response.answer[0][0]) == "192.0.2.13"
         writer.close()
+        # Cache limits change in place, keeping what still fits.
+        configure(second, "cache-size = 1\n")
+        proxy.proc.send_signal(signal.SIGHUP)
+        await _wait_for_log(proxy, "cache limits changed (1 entries kept)")
+        assert await _ask(port, "n4.test.") == "192.0.2.14"
         assert proxy.stop() == 0
     finally:
         if proxy.proc.poll() is None:
