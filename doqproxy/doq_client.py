@@ -137,8 +137,8 @@ class DoqConnection:
     # --- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
-        """Create the socket and start the handshake (the first flight waits for
-        :meth:`send` or :meth:`flush` so that queries can ride along as 0-RTT)."""
+        """Create the socket and prepare the handshake. The first flight waits for
+        :meth:`query` or :meth:`flush`, so that a query can ride along as 0-RTT."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
         local = "::" if family == socket.AF_INET6 else "0.0.0.0"
@@ -222,7 +222,7 @@ class DoqConnection:
         if self.dead or self._protocol is None:
             raise ConnectionLost("connection is closed")
         if not self.handshake_done.done() and not (early and self.resumable):
-            self._protocol.transmit()  # the first flight, if it has not gone yet
+            self.flush()
             await asyncio.shield(self.handshake_done)
         quic = self._protocol._quic
         stream_id = quic.get_next_available_stream_id()
@@ -267,6 +267,11 @@ class DoqConnection:
                 self._arm_watchdog(time.monotonic())
 
         self._watchdog = asyncio.get_running_loop().call_later(delay, check)
+
+    def flush(self) -> None:
+        """Send whatever is pending, the first flight included."""
+        if self._protocol is not None:
+            self._protocol.transmit()
 
     def ping(self) -> None:
         """Send a PING (for the opt-in keepalive)."""

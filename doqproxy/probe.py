@@ -147,7 +147,7 @@ async def _probe(settings: ProbeSettings) -> ProbeResult:
             sent = connected
             answer = await conn.query(query)
         else:
-            _flush(conn)
+            conn.flush()
             await conn.handshake_done
             sent = time.monotonic()
             answer = await conn.query(query)
@@ -192,15 +192,6 @@ async def _probe(settings: ProbeSettings) -> ProbeResult:
         tickets_saved=saved[0],
         notes=notes,
     )
-
-
-def _flush(conn: DoqConnection) -> None:
-    """Send the first flight without a query (DoqConnection defers it for 0-RTT)."""
-    flush = getattr(conn, "flush", None)
-    if flush is not None:
-        flush()
-    else:
-        conn._protocol.transmit()  # type: ignore[union-attr]
 
 
 async def _resolve(url: UpstreamUrl) -> tuple[str, int]:
