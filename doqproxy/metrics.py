@@ -1,4 +1,4 @@
-"""Prometheus metrics for ``doqproxy forward --metrics-listen``.
+"""Prometheus metrics for ``doqproxy forward --metrics-listen`` and ``serve --metrics-listen``.
 
 One custom collector reads the counters that the resolver, cache and pool keep
 anyway (plain integers in their stats dataclasses) at scrape time, so metrics
@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from .addresses import HostPort
 from .cache import AnswerCache
+from .doq_server import DoqServerStats
 from .observe import LatencyHistogram, Observations, qtype_label, rcode_label
 from .pool import DoqUpstream
 from .resolver import Resolver
@@ -173,13 +174,58 @@ class ForwardCollector(Collector):
         yield errors
 
 
-class MetricsServer:
-    """prometheus-client's HTTP server for one registry holding :class:`ForwardCollector`."""
+class ServeCollector(Collector):
+    """Exposes ``doqproxy serve``'s :class:`DoqServerStats` and its resolver's counters."""
 
-    def __init__(self, address: HostPort, sources: Sources) -> None:
+    def __init__(self, stats: DoqServerStats, resolver: Resolver) -> None:
+        self.stats = stats
+        self.resolver = resolver
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        for direction, counts in (("sent", stats.closes_sent), ("received", stats.closes_received)):
+            closes = CounterMetricFamily(
+                f"doqproxy_serve_connection_closes_{direction}",
+                f"DoQ connection closes {direction}, by DoQ error code (like CoreDNS's "
+                "quic_responses_total).",
+                labels=["code"],
+            )
+            for code, count in dict(counts).items():
+                closes.add_metric([close_code_label(code)], count)
+            yield closes
+        transport = CounterMetricFamily(
+            "doqproxy_serve_transport_closes",
+            "Connections closed by the QUIC transport (TLS alerts, refusals), by code.",
+            labels=["code"],
+        )
+        for code, count in dict(stats.transport_closes).items():
+            transport.add_metric([f"{code:#x}"], count)
+        yield transport
+        for name, value, text in (
+            ("connections", stats.connections, "Connections accepted."),
+            ("refused", stats.refused, "Connections refused at --max-connections."),
+            ("queries", stats.streams, "Queries read completely."),
+            ("early_queries", stats.early_queries, "Queries that arrived as 0-RTT data."),
+            ("too_early", stats.too_early, "0-RTT queries refused with EDE 26."),
+            ("stream_timeouts", stats.stream_timeouts, "Streams reset at the read deadline."),
+            ("idle_timeouts", stats.idle_timeouts, "Connections closed by the idle timeout."),
+            ("upstream_errors", self.resolver.stats.upstream_errors, "SERVFAIL for the backend."),
+        ):
+            metric = CounterMetricFamily(f"doqproxy_serve_{name}", text)
+            metric.add_metric([], value)
+            yield metric
+        active = GaugeMetricFamily("doqproxy_serve_active_connections", "Open connections.")
+        active.add_metric([], stats.active)
+        yield active
+
+
+class MetricsServer:
+    """prometheus-client's HTTP server for one registry holding one collector."""
+
+    def __init__(self, address: HostPort, collector: Collector) -> None:
         self.address = address
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ForwardCollector(sources))
+        self.registry.register(collector)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

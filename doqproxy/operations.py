@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from .addresses import HostPort
 from .inflight import InFlight
-from .metrics import MetricsServer, Sources
+from .metrics import ForwardCollector, MetricsServer, Sources
 from .observe import LatencyHistogram, Observations, ObservedResolver, QueryLog, TimedUpstream
 from .pool import DoqUpstream
 from .resolver import Resolver
@@ -101,7 +101,7 @@ class Operations:
             observations=self.observations,
             in_flight=lambda: len(self.inflight) if self.inflight is not None else 0,
         )
-        self._metrics = MetricsServer(address, sources)
+        self._metrics = MetricsServer(address, ForwardCollector(sources))
         self.metrics_address = self._metrics.start()
         log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
 

@@ -10,6 +10,7 @@ from .. import wire
 from ..addresses import AddressError, HostPort, parse_listen, parse_upstream
 from ..doq import DEFAULT_PORT
 from ..listen_doq import DoqListener, DoqListenerConfig, ListenError, tls_configuration
+from ..metrics import MetricsServer, ServeCollector
 from ..plain_upstream import PlainUpstream
 from ..resolver import Resolver
 from ..runtime import run, setup_logging, stop_event
@@ -98,6 +99,11 @@ def _backend(
     show_default=True,
     help="Seconds to wait for the upstream's answer before SERVFAIL.",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="ADDR:PORT",
+    help="Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9154).",
+)
 @click.option("-v", "--verbose", count=True, help="More logging; repeat for more.")
 def serve(
     listen: str,
@@ -113,6 +119,7 @@ def serve(
     ticket_lifetime: float,
     stream_timeout: float,
     timeout: float,
+    metrics_listen: str | None,
     verbose: int,
 ) -> None:
     """Answer DNS-over-QUIC (RFC 9250) from a plain DNS server or a zone file."""
@@ -126,24 +133,36 @@ def serve(
     )
     try:
         address = parse_listen(listen, default_port=DEFAULT_PORT)
+        metrics = parse_listen(metrics_listen, default_port=9154) if metrics_listen else None
         backend, opcodes = _backend(upstream, zone, origin)
         quic = tls_configuration(cert, key, config)
     except (AddressError, ZoneError, ListenError) as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(verbose)
     listener = DoqListener(Resolver(backend, timeout=timeout, opcodes=opcodes), quic, config)
-    raise SystemExit(run(lambda: _serve(listener, address)))
+    raise SystemExit(run(lambda: _serve(listener, address, metrics)))
 
 
-async def _serve(listener: DoqListener, address: HostPort) -> int:
+async def _serve(listener: DoqListener, address: HostPort, metrics: HostPort | None) -> int:
     try:
         host, port = await listener.start(address)
     except ListenError as exc:
         raise click.ClickException(str(exc)) from None
+    exporter = None
+    if metrics is not None:
+        exporter = MetricsServer(metrics, ServeCollector(listener.stats, listener.resolver))
+        try:
+            log.info("metrics on http://%s:%d/metrics", *exporter.start())
+        except OSError as exc:
+            await listener.aclose()
+            message = f"cannot serve metrics on {metrics}: {exc.strerror}"
+            raise click.ClickException(message) from None
     stop = stop_event()
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     log.info("listening on quic://%s, answering from %s", shown, listener.resolver.upstream.name)
     await stop.wait()
     await listener.aclose()
+    if exporter is not None:
+        exporter.stop()
     log.info("stopped: %s", listener.stats)
     return 0
