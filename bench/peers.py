@@ -202,7 +202,13 @@ def versions() -> dict[str, str]:
         text=True,
         check=False,
     )
-    found["doqproxy"] = git.stdout.strip() or "?"
+    dirty = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--", "../doqproxy"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found["doqproxy"] = (git.stdout.strip() or "?") + ("+dirty" if dirty.stdout.strip() else "")
     return found
 
 

@@ -23,6 +23,9 @@ PACKAGES = (
     ("uvloop", "uvloop"),
 )
 
+# Frames on every stack (start-up and the event loop's entry): not worth listing.
+ENTRY_FRAMES = ("doqproxy/__main__.py", "doqproxy/cli/", "doqproxy/runtime.py")
+
 
 def py_spy(log: list[str], install: bool = True) -> str | None:
     """The py-spy executable next to this Python, installed with pip when missing."""
@@ -79,7 +82,9 @@ class Profile:
             "top_doqproxy_inclusive_pct": {
                 name: round(self.share(count), 1)
                 for name, count in [
-                    item for item in self.inclusive.most_common() if "doqproxy/" in item[0]
+                    item
+                    for item in self.inclusive.most_common()
+                    if "doqproxy/" in item[0] and not any(e in item[0] for e in ENTRY_FRAMES)
                 ][:top]
             },
         }

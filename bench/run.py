@@ -47,6 +47,7 @@ RESULTS = REPO / "bench" / "results" / "latest.json"
 class Plan:
     quick: bool
     hit_seconds: float
+    hit_rounds: int
     p99_seconds: float
     p99_qps: int
     miss_seconds: float
@@ -59,8 +60,8 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 1, 1, 10_000, 1, 1, 2, 50, 1000, 2000)
-        return cls(False, 10, 5, 10_000, 8, 5, 10, 50, 1000, 100_000)
+            return cls(True, 1, 1, 1, 10_000, 1, 1, 2, 50, 1000, 2000)
+        return cls(False, 10, 2, 5, 10_000, 8, 5, 10, 50, 1000, 100_000)
 
 
 def progress(text: str) -> None:
@@ -138,46 +139,67 @@ class Bench:
 
     # -- cases -----------------------------------------------------------------------
 
+    def start_peer(self, peer: str) -> tuple[Child, int]:
+        if peer == "doqproxy":
+            child, port, _ = self.start_forward("forward-hit", self.doq_port, self.state())
+            return child, port
+        port = free_port()
+        if peer == "unbound":
+            conf = peers.write_unbound_peer(self.workdir / "unbound-peer", port, self.plain_port)
+            child = self.children.start("unbound-peer", peers.unbound_argv(conf))
+        else:
+            child = self.children.start("dnsmasq", peers.dnsmasq_argv(port, self.plain_port))
+        wait_answering(child, port, "n0.bench.test")
+        return child, port
+
     def cache_hit(self, spy: str | None) -> dict[str, Any]:
-        """Warm cache, UDP, dnsperf -c 4 -T 1: doqproxy forward, Unbound, dnsmasq in turn."""
+        """Warm cache, UDP, dnsperf -c 4 -T 1: doqproxy forward, Unbound, dnsmasq.
+
+        All three run at once but are measured one at a time, in interleaved rounds; the
+        best round counts, so that a burst of other work on the machine hurts less.
+        """
         plan = self.plan
+        names = ("doqproxy", "unbound", "dnsmasq")
+        started: dict[str, tuple[Child, int]] = {}
+        rounds: dict[str, list[tuple[dnsperf.PerfResult, float]]] = {n: [] for n in names}
+        paced: dict[str, dnsperf.PerfResult] = {}
         found: dict[str, Any] = {}
-        for peer in ("doqproxy", "unbound", "dnsmasq"):
-            progress(f"cache hit: {peer}")
-            if peer == "doqproxy":
-                child, port, _ = self.start_forward("forward-hit", self.doq_port, self.state())
-            else:
-                port = free_port()
-                if peer == "unbound":
-                    conf = peers.write_unbound_peer(
-                        self.workdir / "unbound-peer", port, self.plain_port
-                    )
-                    child = self.children.start("unbound-peer", peers.unbound_argv(conf))
-                else:
-                    argv = peers.dnsmasq_argv(port, self.plain_port)
-                    child = self.children.start("dnsmasq", argv)
-                wait_answering(child, port, "n0.bench.test")
-            try:
-                warm = self.perf(port, f"{peer}-warm", runs=1, clients=4)
+        try:
+            for peer in names:
+                started[peer] = self.start_peer(peer)
+                warm = self.perf(started[peer][1], f"{peer}-warm", runs=1, clients=4)
                 if not warm.all_noerror:
                     raise BenchError(f"{peer} warm-up: {warm.rcode_text()}")
-                cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
-                run = self.perf(port, f"{peer}-hit", seconds=plan.hit_seconds)
-                cpu = 100 * (cpu_seconds(child.pid) - cpu0) / (time.monotonic() - t0)
-                paced = self.perf(
-                    port, f"{peer}-p99", seconds=plan.p99_seconds,
+            for number in range(plan.hit_rounds):
+                for peer in names:
+                    progress(f"cache hit: {peer}, round {number + 1} of {plan.hit_rounds}")
+                    child, port = started[peer]
+                    cpu0, t0 = cpu_seconds(child.pid), time.monotonic()
+                    run = self.perf(port, f"{peer}-hit-{number}", seconds=plan.hit_seconds)
+                    cpu = 100 * (cpu_seconds(child.pid) - cpu0) / (time.monotonic() - t0)
+                    rounds[peer].append((run, cpu))
+            for peer in names:
+                progress(f"cache hit: {peer} paced at {plan.p99_qps} q/s")
+                paced[peer] = self.perf(
+                    started[peer][1], f"{peer}-p99", seconds=plan.p99_seconds,
                     qps_limit=plan.p99_qps, verbose=True,
                 )  # fmt: skip
-                if peer == "doqproxy":
-                    found["profile"] = self.profile(spy, child, port, "hit")
-            finally:
+            child, port = started["doqproxy"]
+            found["profile"] = self.profile(spy, child, port, "hit")
+        finally:
+            for child, _ in started.values():
                 self.children.stop(child)
-            found[peer] = report.hit_entry(run, paced, cpu, plan.p99_qps)
+        for peer in names:
+            valid = [r for r in rounds[peer] if r[0].all_noerror] or rounds[peer]
+            best, cpu = max(valid, key=lambda r: r[0].qps)
+            found[peer] = report.hit_entry(best, paced[peer], cpu, plan.p99_qps)
+            found[peer]["rounds_qps"] = [round(r.qps) for r, _ in rounds[peer]]
         for peer in ("unbound", "dnsmasq"):
             ours, theirs = found["doqproxy"]["qps"], found[peer]["qps"]
             ok = found["doqproxy"]["valid"] and found[peer]["valid"]
             found[f"ratio_{peer}"] = round(ours / theirs, 3) if ok and theirs else None
         found["doqproxy_cache"] = self.forward_caches
+        found["seconds"] = plan.hit_seconds
         if not self.forward_caches:
             self.notes.append(
                 "this build of `doqproxy forward` has no cache (no --no-cache option): "
