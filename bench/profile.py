@@ -66,6 +66,7 @@ class Profile:
     self_time: Counter[str] = field(default_factory=Counter)
     inclusive: Counter[str] = field(default_factory=Counter)
     by_package: Counter[str] = field(default_factory=Counter)
+    self_lines: Counter[str] = field(default_factory=Counter)
 
     def share(self, count: int) -> float:
         return 100.0 * count / self.samples if self.samples else 0.0
@@ -78,6 +79,10 @@ class Profile:
             },
             "top_self_pct": {
                 name: round(self.share(count), 1) for name, count in self.self_time.most_common(top)
+            },
+            "top_self_lines_pct": {
+                name: round(self.share(count), 1)
+                for name, count in self.self_lines.most_common(top)
             },
             "top_doqproxy_inclusive_pct": {
                 name: round(self.share(count), 1)
@@ -116,6 +121,7 @@ def parse(text: str) -> Profile:
         profile.samples += count
         leaf, leaf_file = frames[-1]
         profile.self_time[leaf] += count
+        profile.self_lines[stack.rsplit(";", 1)[-1].strip()] += count
         profile.by_package[package("/" + leaf_file)] += count
         for name in {name for name, _ in frames}:
             profile.inclusive[name] += count

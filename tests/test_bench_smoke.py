@@ -74,12 +74,15 @@ def test_bench_quick_mode(tmp_path: Path) -> None:
         assert entry["paced"]["valid"], (peer, entry["paced"]["rcodes"])
         for figure in (entry["qps"], entry["avg_ms"], entry["paced"]["p99_ms"]):
             assert _positive(figure), (peer, entry)
+        assert entry["rounds_qps"] and all(_positive(q) for q in entry["rounds_qps"])
     assert _positive(hit["ratio_unbound"]) and _positive(hit["ratio_dnsmasq"])
 
     miss = results["miss_path"]
-    assert miss["forward"]["valid"] and miss["bare_client"]["valid"]
-    assert _positive(miss["forward"]["qps"]) and _positive(miss["bare_client"]["qps"])
-    assert _positive(miss["ratio"])
+    assert miss["forward"]["valid"]
+    assert _positive(miss["forward"]["qps"])
+    for bare in (miss["bare_client"], miss["bare_client_4"]):
+        assert bare["valid"] and _positive(bare["qps"]), bare
+    assert _positive(miss["ratio"]) and _positive(miss["ratio_4"])
     if miss["profile"] is not None:
         assert miss["profile"]["samples"] > 0
 
@@ -88,6 +91,7 @@ def test_bench_quick_mode(tmp_path: Path) -> None:
     for case in ("full_handshake_ms", "restart_0rtt_ms", "warm_miss_ms"):
         assert _positive(link[case]["median"]), case
         assert link[case]["median"] >= link["rtt_ms"], case  # a round trip is the floor
+    assert _positive(link["floor_bare_client_median_ms"])
 
     memory = results["memory"]
     assert memory["answers"]["valid"]
