@@ -147,7 +147,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| client | q/s | CPU % (client / serve) | answers |",
         "| --- | ---: | --- | --- |",
         f"| dnsperf → doqproxy forward --no-cache → serve "
-        f"({miss.get('forward_connections_opened', '?')} connections opened) "
+        ""
         f"| {_fmt(fwd['qps'], 0)} | {cpu['forward']} / {cpu['serve']} "
         f"| {'all NOERROR' if fwd['valid'] else fwd['rcodes']} |",
     ]
@@ -191,7 +191,8 @@ def markdown(results: dict[str, Any]) -> str:
     out.append(
         f"\nMemory: VmRSS {mem['rss_mb_start']} MB after start, {mem['rss_mb']} MB after "
         f"{mem['names']:,} distinct names ({_fmt(entries)} cache entries; answers "
-        f"{'all NOERROR' if mem['answers']['valid'] else mem['answers']['rcodes']})."
+        f"{'all NOERROR' if mem['answers']['valid'] else mem['answers']['rcodes']}; "
+        "this forward and the link ones run with --metrics-listen, the throughput ones without)."
     )
     for label, prof in (("Miss", miss.get("profile")), ("Hit", hit.get("profile"))):
         if not prof:

@@ -110,8 +110,16 @@ class Bench:
         self.serve = serve
 
     def start_forward(
-        self, name: str, upstream_port: int, state: Path, *, cache: bool = True
+        self,
+        name: str,
+        upstream_port: int,
+        state: Path,
+        *,
+        cache: bool = True,
+        metrics: bool = False,
     ) -> tuple[Child, int, int | None]:
+        """Start ``doqproxy forward``; with ``metrics`` also its Prometheus endpoint, which
+        adds per-query bookkeeping, so throughput runs go without it."""
         self.forwards += 1
         port = free_port()
         notify = Notify(self.workdir / f"notify-{self.forwards}")
@@ -123,7 +131,7 @@ class Bench:
         if not cache and self.forward_caches:
             argv.append("--no-cache")
         metrics_port = None
-        if self.forward_metrics:
+        if metrics and self.forward_metrics:
             metrics_port = free_port()
             argv += ["--metrics-listen", f"{LOOPBACK}:{metrics_port}"]
         try:
@@ -307,7 +315,7 @@ class Bench:
         relay_port = int(wait_log(relay, r"ready (\d+)")[1])
 
         def start(name: str, state: Path) -> tuple[Child, int, int | None]:
-            return self.start_forward(name, relay_port, state)
+            return self.start_forward(name, relay_port, state, metrics=True)
 
         try:
             result = link.measure(
@@ -330,7 +338,7 @@ class Bench:
         names = self.plan.memory_names
         progress(f"memory: {names} distinct names through doqproxy forward")
         child, port, metrics_port = self.start_forward(
-            "forward-memory", self.doq_port, self.state()
+            "forward-memory", self.doq_port, self.state(), metrics=True
         )
         try:
             time.sleep(0.2)
