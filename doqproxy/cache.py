@@ -1,8 +1,8 @@
 """The answer cache: policy and storage, no I/O.
 
-Entries live in a cachetools ``TLRUCache`` bounded by total bytes (each entry's
-estimated memory cost) and, separately, by entry count. An entry stays in the
-store past its TTL for ``serve_stale_max_age`` so that it can be served stale
+Entries live in an :class:`~doqproxy.cache_store.EntryStore` bounded by entry
+count and by total bytes (each entry's estimated memory cost). An entry stays in
+the store past its TTL for ``serve_stale_max_age`` so that it can be served stale
 (RFC 8767); whether it is fresh is decided here, from its own TTL.
 
 Keys are bytes: the lowercased question name in wire form, then either QTYPE and
@@ -24,10 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cachetools import TLRUCache
-
 from . import wire
 from .cache_entry import CacheEntry, TtlPolicy, Uncacheable, build_entry, question_bytes
+from .cache_store import EntryStore, TooLarge
 from .wire import Question
 
 log = logging.getLogger(__name__)
@@ -109,13 +108,9 @@ class AnswerCache:
         self._keep = settings.serve_stale_max_age if settings.serve_stale else 0
         self._prefetch_at = 1.0 - settings.prefetch_fraction
 
-    def _new_store(self) -> TLRUCache[bytes, CacheEntry]:
-        return TLRUCache(
-            maxsize=self.settings.max_bytes,
-            ttu=self._time_to_use,
-            timer=self.clock,
-            getsizeof=_entry_size,
-        )
+    def _new_store(self) -> EntryStore:
+        settings = self.settings
+        return EntryStore(settings.max_entries, settings.max_bytes, self._keep)
 
     def reconfigure(self, settings: CacheSettings) -> None:
         """Apply new limits (SIGHUP), keeping the entries that still fit.
@@ -124,9 +119,10 @@ class AnswerCache:
         """
         self._apply(settings)
         old, self._store = self._store, self._new_store()
-        for key, entry in list(old.items())[-settings.max_entries :]:
-            with contextlib.suppress(ValueError):  # larger than the new byte bound
-                self._store[key] = entry
+        now = self.clock()
+        for key, entry in old.items():
+            with contextlib.suppress(TooLarge):
+                self._store.put(key, entry, now)
 
     def __len__(self) -> int:
         return len(self._store)
@@ -134,10 +130,7 @@ class AnswerCache:
     @property
     def currsize(self) -> int:
         """Estimated bytes held."""
-        return int(self._store.currsize)
-
-    def _time_to_use(self, _key: bytes, entry: CacheEntry, _now: float) -> float:
-        return entry.stored_at + entry.ttl + self._keep
+        return self._store.currsize
 
     # --- the hit path ----------------------------------------------------------
 
@@ -204,14 +197,10 @@ class AnswerCache:
             + _FLAG_OCTETS[do << 1 | (flags >> 4) & 1]
         )
         store = self._store
-        try:
-            entry: CacheEntry = store[key]
-        except KeyError:
-            try:
-                entry = store[key[: name_end - 12] + key[-3:]]
-            except KeyError:
-                return None
         now = self.clock()
+        entry = store.get(key, now) or store.get(key[: name_end - 12] + key[-3:], now)
+        if entry is None:
+            return None
         age = now - entry.stored_at
         if age >= entry.ttl:
             return None  # stale: the long way decides
@@ -244,9 +233,10 @@ class AnswerCache:
     def lookup(self, question: Question) -> CacheEntry | None:
         """The entry for ``question``, fresh or stale, or ``None``."""
         key = self.key(question)
-        entry: CacheEntry | None = self._store.get(key)
+        now = self.clock()
+        entry = self._store.get(key, now)
         if entry is None:
-            entry = self._store.get(key[: len(question.qname)] + key[-3:])
+            entry = self._store.get(key[: len(question.qname)] + key[-3:], now)
         if entry is None:
             self.stats.misses += 1
         return entry
@@ -332,13 +322,10 @@ class AnswerCache:
         if entry.nx_by_name:
             key = name_key
         else:
-            store.pop(name_key, None)  # the name exists after all
-        if key not in store:
-            while len(store) >= self.settings.max_entries:
-                store.popitem()
+            store.pop(name_key)  # the name exists after all
         try:
-            store[key] = entry
-        except ValueError:
+            store.put(key, entry, entry.stored_at)
+        except TooLarge:
             return self._not_stored("larger than the cache")
         self.stats.stored += 1
         return True
@@ -356,7 +343,3 @@ class AnswerCache:
 def make_cache(settings: CacheSettings, *, clock: Clock = time.monotonic) -> AnswerCache | None:
     """An :class:`AnswerCache`, or ``None`` when caching is turned off."""
     return AnswerCache(settings, clock=clock) if settings.enabled else None
-
-
-def _entry_size(entry: CacheEntry) -> int:
-    return entry.size

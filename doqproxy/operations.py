@@ -17,7 +17,6 @@ from typing import Any, cast
 
 from .addresses import HostPort
 from .inflight import InFlight
-from .metrics import ForwardCollector, MetricsServer, Sources
 from .observe import LatencyHistogram, Observations, ObservedResolver, QueryLog, TimedUpstream
 from .pool import DoqUpstream
 from .resolver import Resolver
@@ -94,6 +93,9 @@ class Operations:
             self._spawn(self._heartbeat())
 
     def _start_metrics(self, address: HostPort) -> None:
+        # prometheus-client is imported only when metrics are asked for.
+        from .metrics import ForwardCollector, MetricsServer, Sources
+
         sources = Sources(
             resolver=lambda: cast(Resolver, self.resolver),
             upstream=lambda: cast(DoqUpstream, self.upstream),

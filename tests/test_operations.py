@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +36,18 @@ async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     """Every sample on /metrics, keyed by (name, sorted labels)."""
 
     def fetch() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            return str(reply.read().decode())
+        # The metrics endpoint comes up just after the DNS listeners.
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/metrics", timeout=10
+                ) as reply:
+                    return str(reply.read().decode())
+            except urllib.error.URLError as exc:
+                if not isinstance(exc.reason, ConnectionRefusedError):
+                    raise
+                time.sleep(0.05)
+        raise AssertionError(f"no metrics endpoint on port {port}")
 
     text = await asyncio.to_thread(fetch)
     return {

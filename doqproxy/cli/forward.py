@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -161,6 +162,8 @@ def forward(
     except ListenError as exc:
         raise click.ClickException(exc.strerror or str(exc)) from None
     if user is not None:
+        if metrics_address is not None:
+            importlib.import_module("doqproxy.metrics")  # before root's files are out of reach
         try:
             drop_privileges(user)
         except PrivilegeError as exc:
