@@ -14,7 +14,7 @@ from pathlib import Path
 from . import runtime
 from .addresses import HostPort, UpstreamUrl
 from .cache import CacheSettings, make_cache
-from .doq_client import client_configuration
+from .doq_client import client_configuration, warm_up
 from .inflight import InFlight
 from .listen_tcp import TcpFrontEnd, TcpLimits
 from .listen_udp import UdpFrontEnd
@@ -119,6 +119,8 @@ async def serve(
     if reload is not None:
         reloader = Reloader(settings, reload, make_upstream, ops, resolver)
         ops.on_reload = reloader
+    warm_up(upstream.configuration)
+    await upstream.prepare()
     # Everything allocated so far lives as long as the process: keep it out of the
     # collector's way, so that full collections stay short (tail latency).
     gc.collect()

@@ -33,6 +33,9 @@ from .wire import Question
 
 log = logging.getLogger(__name__)
 
+PREPARED_MAX_AGE = 5.0
+"""Seconds a prepared first flight is kept before it is rebuilt."""
+
 REPLAYABLE_OPCODES = frozenset({wire.OPCODE_QUERY, wire.OPCODE_NOTIFY})
 """Only these may travel as 0-RTT early data (RFC 9250 §4.5)."""
 
@@ -96,6 +99,7 @@ class DoqUpstream:
         self._last_error = ""
         self._opening: asyncio.Task[DoqConnection] | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._prepared: DoqConnection | None = None
         self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
 
@@ -122,11 +126,16 @@ class DoqUpstream:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(UpstreamError("shutting down", Ede.NOT_READY))
+        self._discard_prepared()
         for conn in list(self._connections):
             conn.close(doq.DoqError.NO_ERROR, "shutdown")
         if self._closing:
             await asyncio.gather(*self._closing)
         self.tickets.save()
+
+    @property
+    def configuration(self) -> QuicConfiguration:
+        return self._configuration
 
     @property
     def connections(self) -> list[DoqConnection]:
@@ -192,6 +201,20 @@ class DoqUpstream:
                 self._wake_one()
 
     async def _open(self) -> DoqConnection:
+        conn = self._take_prepared() or await self._build()
+        conn.restart_idle_timer()
+        self.stats.connections_opened += 1
+        self._connections.append(conn)
+        conn.handshake_done.add_done_callback(lambda _: self._on_handshake(conn))
+        self._start_maintenance()
+        log.debug(
+            "%s: opening connection %d (ticket: %s)",
+            self.name, self.stats.connections_opened, conn.resumable,
+        )  # fmt: skip
+        return conn
+
+    async def _build(self) -> DoqConnection:
+        """A connection with its first flight built but not sent (see :meth:`prepare`)."""
         address = await self._resolve()
         configuration = dataclasses.replace(self._configuration)
         configuration.session_ticket = self.tickets.take(self._key)
@@ -205,16 +228,58 @@ class DoqUpstream:
         )
         conn.dead_after = self.settings.dead_after
         await conn.open()
-        self.stats.connections_opened += 1
-        self._connections.append(conn)
-        conn.handshake_done.add_done_callback(lambda _: self._on_handshake(conn))
-        if self._maintenance is None:
-            self._maintenance = asyncio.ensure_future(self._maintain())
-        log.debug(
-            "%s: opening connection %d (ticket: %s)",
-            self.name, self.stats.connections_opened, configuration.session_ticket is not None,
-        )  # fmt: skip
         return conn
+
+    # --- a prepared first flight -------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Build the next connection's first flight ahead of the query that needs it.
+
+        Building a resumed ClientHello (PSK binder, early secrets, key shares) takes
+        1-3 ms of CPU; done in advance, the first query after a restart or a quiet
+        spell leaves at once as 0-RTT data. Only with a ticket and 0-RTT on, and only
+        while the pool has no connection. A prepared flight is rebuilt after
+        :data:`PREPARED_MAX_AGE` seconds, so that the ticket age it claims stays
+        within servers' replay windows (OpenSSL allows 10 s); an unused ticket goes
+        back to the store.
+        """
+        if self._closed or not self.settings.zero_rtt or self._connections:
+            return
+        prepared = self._prepared
+        if prepared is not None:
+            if time.monotonic() - prepared.info.opened_at < PREPARED_MAX_AGE:
+                return
+            self._discard_prepared()
+        if not self.tickets.count(self._key):
+            return
+        try:
+            self._prepared = await self._build()
+        except (OSError, UpstreamError) as exc:
+            log.debug("%s: cannot prepare a connection: %s", self.name, exc)
+        self._start_maintenance()
+
+    def _take_prepared(self) -> DoqConnection | None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return None
+        if time.monotonic() - prepared.info.opened_at < PREPARED_MAX_AGE:
+            return prepared
+        self._prepared = prepared
+        self._discard_prepared()
+        return None
+
+    def _discard_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return
+        ticket = prepared.configuration.session_ticket
+        if ticket is not None:
+            self.tickets.restore(self._key, ticket)  # never sent: still good for one use
+        prepared.abandon()
+
+    def _start_maintenance(self) -> None:
+        if self._maintenance is None and not self._closed:
+            self._maintenance = asyncio.ensure_future(self._maintain())
 
     async def _resolve(self) -> tuple[str, int]:
         host, port = self.url.host, self.url.port
@@ -264,6 +329,7 @@ class DoqUpstream:
         settings = self.settings
         while not self._closed:
             await asyncio.sleep(1.0)
+            await self.prepare()
             now = time.monotonic()
             for conn in list(self._connections):
                 if conn.in_flight or not conn.handshake_complete:

@@ -128,6 +128,13 @@ class TicketFile:
                 return ticket
         return None
 
+    def restore(self, key: str, ticket: SessionTicket) -> None:
+        """Put back a ticket that was taken but never sent (saved with the next write)."""
+        tickets = self._tickets.setdefault(key, [])
+        tickets.append(ticket)
+        del tickets[: -self.keep]
+        self._dirty = True
+
     def count(self, key: str) -> int:
         return sum(ticket.is_valid for ticket in self._tickets.get(key, []))
 

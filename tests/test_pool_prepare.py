@@ -1,0 +1,71 @@
+"""The pool's prepared first flight, in process against the aioquic test upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dns.message
+
+from doqproxy import rewrite, wire
+from doqproxy.addresses import UpstreamUrl
+from doqproxy.doq_client import client_configuration
+from doqproxy.pool import DoqUpstream, PoolSettings
+from doqproxy.ticket_file import TicketFile
+
+from .conftest import SERVER_NAME, Certs
+from .doq_fixture import DoqTestUpstream
+
+
+async def ask(pool: DoqUpstream, name: str) -> dns.message.Message:
+    data = dns.message.make_query(name, "A").to_wire()
+    question = wire.parse_question(data)
+    message = rewrite.upstream_query(data, question, pad_block=128)
+    return dns.message.from_wire(await pool.query(message, question))
+
+
+async def test_prepared_flight_is_used_rebuilt_when_old_and_returned_at_close(
+    upstream: DoqTestUpstream, certs: Certs
+) -> None:
+    configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file)
+    url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
+    tickets = TicketFile(None)
+    first = DoqUpstream(url, configuration, PoolSettings(), tickets=tickets)
+    assert (await ask(first, "a.test.")).answer
+    for _ in range(100):
+        if tickets.count(first._key):
+            break
+        await asyncio.sleep(0.02)
+    await first.aclose()
+    assert tickets.count(first._key) == 1
+
+    pool = DoqUpstream(url, configuration, PoolSettings(), tickets=tickets)
+    await pool.prepare()
+    prepared = pool._prepared
+    assert prepared is not None and prepared.resumable
+    assert tickets.count(pool._key) == 0  # the prepared flight holds the ticket
+    # Too old: rebuilt with the same (unsent) ticket.
+    prepared.info.opened_at -= 60
+    await pool.prepare()
+    assert pool._prepared is not None and pool._prepared is not prepared
+    assert prepared.dead
+    # The first query rides the prepared flight as accepted early data.
+    assert (await ask(pool, "n1.test.")).answer
+    assert upstream.state.seen[-1].early
+    assert upstream.state.early_accepted == 1
+    assert pool._prepared is None
+    await pool.aclose()
+
+
+async def test_nothing_prepared_without_a_ticket_or_with_0rtt_off(
+    upstream: DoqTestUpstream, certs: Certs
+) -> None:
+    configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file)
+    url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
+    pool = DoqUpstream(url, configuration, PoolSettings())
+    await pool.prepare()
+    assert pool._prepared is None
+    off = DoqUpstream(url, configuration, PoolSettings(zero_rtt=False))
+    await off.prepare()
+    assert off._prepared is None
+    await pool.aclose()
+    await off.aclose()
