@@ -192,7 +192,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"\nMemory: VmRSS {mem['rss_mb_start']} MB after start, {mem['rss_mb']} MB after "
         f"{mem['names']:,} distinct names ({_fmt(entries)} cache entries; answers "
         f"{'all NOERROR' if mem['answers']['valid'] else mem['answers']['rcodes']}; "
-        "this forward and the link ones run with --metrics-listen, the throughput ones without)."
+        "default settings, no metrics endpoint; the link forwards run with --metrics-listen)."
     )
     for label, prof in (("Miss", miss.get("profile")), ("Hit", hit.get("profile"))):
         if not prof:

@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -337,18 +338,16 @@ class Bench:
     def memory(self) -> dict[str, Any]:
         names = self.plan.memory_names
         progress(f"memory: {names} distinct names through doqproxy forward")
-        child, port, metrics_port = self.start_forward(
-            "forward-memory", self.doq_port, self.state(), metrics=True
-        )
+        # Default settings (no metrics endpoint): the entry count comes from the
+        # summary line SIGUSR1 logs.
+        child, port, _ = self.start_forward("forward-memory", self.doq_port, self.state())
         try:
             time.sleep(0.2)
             before = rss_kib(child.pid)
             run = self.perf(port, "memory", datafile=self.memory_file, runs=1, outstanding=100)
             time.sleep(0.2)
             after = rss_kib(child.pid)
-            entries = None
-            if metrics_port is not None and self.forward_caches:
-                entries = link.scrape(metrics_port).get("doqproxy_cache_entries")
+            entries = self.logged_cache_entries(child) if self.forward_caches else None
         finally:
             self.children.stop(child)
         return {
@@ -357,8 +356,19 @@ class Bench:
             "rss_mb_start": round(before / 1024, 1),
             "rss_mb": round(after / 1024, 1),
             "cache_entries": None if entries is None else int(entries),
-            "metrics_listen_on": metrics_port is not None,
+            "metrics_listen_on": False,
         }
+
+    @staticmethod
+    def logged_cache_entries(child: Child) -> int | None:
+        """Ask the forward for its SIGUSR1 summary and read the cache size from it."""
+        os.kill(child.pid, signal.SIGUSR1)
+        for _ in range(50):
+            found = re.findall(r"cache (\d+) entries", child.tail(20))
+            if found:
+                return int(found[-1])
+            time.sleep(0.1)
+        return None
 
     def state(self) -> Path:
         path = self.workdir / f"state-{self.forwards}"

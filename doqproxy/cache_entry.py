@@ -40,6 +40,8 @@ _SHARED: dict[bytes, bytes] = {}
 that most entries have in common."""
 
 
+_HEAD_EDNS: dict[bytes, bytes] = {}
+"""Header octets with ARCOUNT + 1, by the header without OPT."""
 _SHARED_TUPLES: dict[tuple[int, ...], tuple[int, ...]] = {}
 _SHARED_INTS: dict[int, int] = {}
 
@@ -82,7 +84,6 @@ class CacheEntry:
 
     __slots__ = (
         "head",
-        "head_edns",
         "nx_by_name",
         "opt",
         "referenced",
@@ -90,7 +91,6 @@ class CacheEntry:
         "rendered",
         "rendered_age",
         "retry_at",
-        "stale_body",
         "stored_at",
         "template",
         "ttl",
@@ -110,8 +110,6 @@ class CacheEntry:
     ) -> None:
         self.head = head
         """Header octets 2-11 (flags and counts) without OPT in ARCOUNT."""
-        self.head_edns = _shared(head[:8] + _U16.pack(((head[8] << 8) | head[9]) + 1))
-        """:attr:`head` with OPT counted in ARCOUNT."""
         self.template = template
         """The records after the question, OPT removed, TTLs as served at age 0."""
         self.ttl_offsets = ttl_offsets
@@ -132,7 +130,6 @@ class CacheEntry:
         """Hit since the store's evictor last passed (CLOCK eviction)."""
         self.retry_at = 0.0
         """Serving stale after an upstream failure: don't ask upstream again before this."""
-        self.stale_body: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -147,11 +144,20 @@ class CacheEntry:
             self.rendered_age = age
         return self.rendered
 
+    @property
+    def head_edns(self) -> bytes:
+        """:attr:`head` with OPT counted in ARCOUNT (one shared copy per distinct head)."""
+        head = self.head
+        edns = _HEAD_EDNS.get(head)
+        if edns is None:
+            edns = head[:8] + _U16.pack(((head[8] << 8) | head[9]) + 1)
+            if len(_HEAD_EDNS) < 4096:
+                _HEAD_EDNS[head] = edns
+        return edns
+
     def stale(self) -> bytes:
-        """The records with every TTL set to :data:`STALE_TTL`."""
-        if self.stale_body is None:
-            self.stale_body = self._with_ttls(lambda ttl: STALE_TTL)
-        return self.stale_body
+        """The records with every TTL set to :data:`STALE_TTL` (a rare path: not kept)."""
+        return self._with_ttls(lambda ttl: STALE_TTL)
 
     def _with_ttls(self, fn: _TtlFn) -> bytes:
         out = bytearray(self.template)
