@@ -191,6 +191,10 @@ class DoqConnection:
     # --- queries -----------------------------------------------------------
 
     @property
+    def opened_at(self) -> float:
+        return self.info.opened_at
+
+    @property
     def handshake_complete(self) -> bool:
         return self.handshake_done.done() and self.handshake_done.exception() is None
 

@@ -72,6 +72,8 @@ class PoolSettings:
     pad_block: int | None = 128
     dead_after: float = 1.0
     """Seconds of total silence after a query before a connection is presumed dead."""
+    max_age: float | None = None
+    """Seconds after which a connection takes no new queries and is closed once idle."""
 
 
 class DoqUpstream:
@@ -156,6 +158,7 @@ class DoqUpstream:
                 self._connections,
                 now=time.monotonic(),
                 max_streams=settings.max_streams,
+                max_age=settings.max_age,
             )
             if index is not None:
                 return self._connections[index]
@@ -335,7 +338,11 @@ class DoqUpstream:
                 if conn.in_flight or not conn.handshake_complete:
                     continue
                 quiet = now - conn.last_heard
-                if settings.keepalive is not None:
+                if settings.max_age is not None and now - conn.opened_at >= settings.max_age:
+                    self.stats.idle_closed += 1
+                    log.debug("%s: closing a connection at its maximum age", self.name)
+                    conn.close(doq.DoqError.NO_ERROR, "maximum age")
+                elif settings.keepalive is not None:
                     if quiet >= settings.keepalive:
                         conn.ping()
                 elif quiet >= conn.idle_timeout - 2.0:

@@ -30,6 +30,11 @@ class PooledConnection(Protocol):
         """The connection's negotiated idle timeout in seconds."""
         ...
 
+    @property
+    def opened_at(self) -> float:
+        """When the connection was opened (same clock as ``now``)."""
+        ...
+
 
 def pick(
     connections: Sequence[PooledConnection],
@@ -37,18 +42,22 @@ def pick(
     now: float,
     max_streams: int,
     idle_margin: float = 1.0,
+    max_age: float | None = None,
 ) -> int | None:
     """Index of the live connection with the most spare capacity, or ``None``.
 
     Spare capacity is the smaller of ``max_streams`` minus the queries in flight
     and the peer's remaining stream credit. A connection that is full, dead, or
     within ``idle_margin`` seconds of its idle timeout (it may be gone by the
-    time the query arrives) is skipped.
+    time the query arrives) is skipped, and so is one older than ``max_age``
+    (it is drained and closed).
     """
     best: int | None = None
     best_spare = 0
     for index, conn in enumerate(connections):
         if not conn.usable or now - conn.last_heard >= conn.idle_timeout - idle_margin:
+            continue
+        if max_age is not None and now - conn.opened_at >= max_age:
             continue
         spare = min(max_streams - conn.in_flight, conn.stream_credit)
         if spare > best_spare:

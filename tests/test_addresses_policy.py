@@ -68,6 +68,7 @@ class Conn:
     last_heard: float = 100.0
     stream_credit: int = 1000
     idle_timeout: float = 30.0
+    opened_at: float = 90.0
 
 
 def test_pick_most_spare_capacity() -> None:
@@ -85,6 +86,12 @@ def test_pick_respects_peer_stream_credit() -> None:
     conns = [Conn(in_flight=0, stream_credit=2), Conn(in_flight=4, stream_credit=50)]
     assert pool_policy.pick(conns, now=100, max_streams=10) == 1
     assert pool_policy.pick([Conn(stream_credit=0)], now=100, max_streams=10) is None
+
+
+def test_pick_skips_connections_past_their_maximum_age() -> None:
+    conns = [Conn(opened_at=0.0), Conn(opened_at=95.0, in_flight=5)]
+    assert pool_policy.pick(conns, now=100, max_streams=10, max_age=50) == 1
+    assert pool_policy.pick(conns, now=100, max_streams=10) == 0
 
 
 def test_backoff_grows_and_resets() -> None:

@@ -216,3 +216,61 @@ async def test_no_0rtt_flag(upstream: DoqTestUpstream, start_proxy: StartProxy) 
     assert (await ask(proxy, "n4.test.")).answer
     assert upstream.state.handshakes == 2
     assert not any(seen.early for seen in upstream.state.seen)
+
+
+async def test_full_pool_queues_then_refuses_at_once(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    upstream.state.slow_delay = 1.5
+    proxy = start_proxy(
+        upstream.port,
+        "--max-connections-per-upstream", "1",
+        "--max-streams-per-connection", "2",
+        "--max-queued-queries", "3",
+    )  # fmt: skip
+    assert (await ask(proxy)).answer  # the connection is up
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def timed() -> tuple[int, float]:
+        reply = await ask(proxy, "slow.test.")
+        return reply.rcode(), loop.time() - started
+
+    results = await asyncio.gather(*(timed() for _ in range(8)))
+    codes = [code for code, _ in results]
+    # 2 in flight + 3 queued are answered; the other 3 get SERVFAIL at once.
+    assert codes.count(dns.rcode.NOERROR) == 5, codes
+    assert codes.count(dns.rcode.SERVFAIL) == 3, codes
+    assert all(elapsed < 1.0 for code, elapsed in results if code == dns.rcode.SERVFAIL)
+
+
+async def test_idle_connection_is_closed_cleanly(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(upstream.port, "--upstream-idle-timeout", "3")
+    assert (await ask(proxy)).answer
+    await wait_for(lambda: upstream.state.close_codes == [0], limit=10)
+    assert (await ask(proxy, "n1.test.")).answer  # a new connection, resumed
+    assert upstream.state.handshakes == 2
+
+
+async def test_keepalive_keeps_the_connection(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(upstream.port, "--upstream-idle-timeout", "3", "--keepalive", "1")
+    assert (await ask(proxy)).answer
+    await asyncio.sleep(4.5)
+    assert upstream.state.close_codes == []
+    assert (await ask(proxy, "n1.test.")).answer
+    assert upstream.state.handshakes == 1
+
+
+async def test_connection_reaching_its_maximum_age(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(upstream.port, "--max-connection-age", "1")
+    assert (await ask(proxy)).answer
+    await asyncio.sleep(1.5)
+    assert (await ask(proxy, "n1.test.")).answer
+    assert upstream.state.handshakes == 2
+    await wait_for(lambda: 0 in upstream.state.close_codes, limit=10)

@@ -21,6 +21,7 @@ POOL_FLAGS = (
     "max_queued_queries",
     "upstream_idle_timeout",
     "keepalive",
+    "max_connection_age",
     "no_0rtt",
     "state_dir",
 )
@@ -66,6 +67,13 @@ def pool_options(command: F) -> F:
             help="PING idle connections this often to keep them open (off by default).",
         ),
         click.option(
+            "--max-connection-age",
+            type=click.FloatRange(min=1.0),
+            default=None,
+            metavar="SECONDS",
+            help="Retire connections this old: no new queries, closed once idle (off by default).",
+        ),
+        click.option(
             "--no-0rtt",
             is_flag=True,
             help="Never send queries as 0-RTT early data (sessions are still resumed).",
@@ -91,6 +99,7 @@ def pool_settings(params: dict[str, Any], *, padding: bool) -> tuple[PoolSetting
         max_queue=params["max_queued_queries"],
         idle_timeout=params["upstream_idle_timeout"],
         keepalive=params["keepalive"],
+        max_age=params["max_connection_age"],
         zero_rtt=not params["no_0rtt"],
         pad_block=_DEFAULTS.pad_block if padding else None,
     )
