@@ -76,17 +76,40 @@ def doqproxy_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "doqproxy", *args]
 
 
-class ProxyProcess:
-    """A ``doqproxy`` subprocess, stopped by its own handle."""
+class ManagedProcess:
+    """A ``doqproxy`` subprocess logging to a file, stopped by its own handle."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.stderr_path = log_path
+        self._stderr = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._stderr, env=env)
+
+    def stderr(self) -> str:
+        if not self._stderr.closed:
+            self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait, return the exit status (killing it if it hangs)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._stderr.closed:
+            self._stderr.close()
+        return self.proc.returncode
+
+
+class ProxyProcess(ManagedProcess):
+    """``doqproxy ARGS`` listening on ``port`` (TCP accepting means ready)."""
 
     def __init__(self, args: list[str], port: int, stderr_path: Path) -> None:
+        super().__init__(doqproxy_command(*args), stderr_path)
         self.port = port
-        self.stderr_path = stderr_path
-        self._stderr = open(stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            doqproxy_command(*args), stdout=subprocess.DEVNULL, stderr=self._stderr, env=env
-        )
 
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
@@ -99,23 +122,6 @@ class ProxyProcess:
             except OSError:
                 time.sleep(0.05)
         raise AssertionError(f"doqproxy did not start listening:\n{self.stderr()}")
-
-    def stderr(self) -> str:
-        if not self._stderr.closed:
-            self._stderr.flush()
-        return self.stderr_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._stderr.closed:
-            self._stderr.close()
-        return self.proc.returncode
 
 
 @pytest.fixture

@@ -4,12 +4,9 @@ process, a raw aioquic DoQ client and a small plain DNS server (UDP and TCP)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import ssl
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +26,8 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket
+
+from .conftest import ManagedProcess
 
 SERVER_NAME = "serve.doq.test"
 
@@ -96,19 +95,12 @@ def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "doqproxy", "serve", *args]
 
 
-class ServeProcess:
+class ServeProcess(ManagedProcess):
     """``doqproxy serve`` on 127.0.0.1, port chosen by the kernel; stopped by its own handle."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
+        super().__init__(serve_command("-l", "127.0.0.1:0", "-v", *args), log_path)
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            serve_command("-l", "127.0.0.1:0", "-v", *args),
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            env=env,
-        )
         self.port = self._wait_listening()
 
     def _wait_listening(self, timeout: float = 20.0) -> int:
@@ -124,19 +116,7 @@ class ServeProcess:
         raise AssertionError(f"doqproxy serve did not start:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, wait, return the exit status (killing it if it hangs)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        return self.stderr()
 
     def stats(self) -> dict[str, str]:
         """The counters the server logged when it stopped."""
