@@ -53,6 +53,16 @@ class Sources:
     in_flight: Callable[[], int]
 
 
+def counters(
+    prefix: str, rows: tuple[tuple[str, int, str], ...], label: tuple[str, str] | None = None
+) -> Iterator[Metric]:
+    """One counter family per ``(name, value, help)`` row, optionally with one label."""
+    for name, value, text in rows:
+        metric = CounterMetricFamily(f"{prefix}_{name}", text, labels=[label[0]] if label else None)
+        metric.add_metric([label[1]] if label else [], value)
+        yield metric
+
+
 def close_code_label(code: int) -> str:
     """DoQ application codes by name; QUIC transport / TLS codes as hex."""
     if code in _DOQ_CODES:
@@ -89,31 +99,34 @@ class ForwardCollector(Collector):
         for labels, count in named.items():
             answers.add_metric(list(labels), count)
         yield answers
-        for name, value, text in (
-            ("received", stats.queries, "Queries handed to the resolver."),
-            ("dropped", stats.dropped, "Queries dropped without an answer (malformed)."),
-            ("rejected", stats.rejected, "Queries refused before the upstream (FORMERR etc.)."),
-            ("upstream_errors", stats.upstream_errors, "Queries answered SERVFAIL for an "
-             "upstream failure."),
-        ):  # fmt: skip
-            metric = CounterMetricFamily(f"doqproxy_resolver_{name}", text)
-            metric.add_metric([], value)
-            yield metric
+        yield from counters(
+            "doqproxy_resolver",
+            (
+                ("received", stats.queries, "Queries handed to the resolver."),
+                ("dropped", stats.dropped, "Queries dropped without an answer (malformed)."),
+                ("rejected", stats.rejected, "Queries refused before the upstream (FORMERR etc.)."),
+                (
+                    "upstream_errors",
+                    stats.upstream_errors,
+                    "Queries answered SERVFAIL for an upstream failure.",
+                ),
+            ),
+        )
 
     def _cache(self, cache: AnswerCache | None) -> Iterator[Metric]:
         if cache is None:
             return
         stats = cache.stats
-        for name, value, text in (
-            ("hits", stats.hits, "Answers served fresh from the cache."),
-            ("misses", stats.misses, "Lookups that found nothing usable."),
-            ("stale", stats.stale, "Answers served stale (RFC 8767)."),
-            ("prefetches", stats.prefetches, "Entries refreshed before they expired."),
-            ("stored", stats.stored, "Answers stored."),
-        ):
-            metric = CounterMetricFamily(f"doqproxy_cache_{name}", text)
-            metric.add_metric([], value)
-            yield metric
+        yield from counters(
+            "doqproxy_cache",
+            (
+                ("hits", stats.hits, "Answers served fresh from the cache."),
+                ("misses", stats.misses, "Lookups that found nothing usable."),
+                ("stale", stats.stale, "Answers served stale (RFC 8767)."),
+                ("prefetches", stats.prefetches, "Entries refreshed before they expired."),
+                ("stored", stats.stored, "Answers stored."),
+            ),
+        )
         entries = GaugeMetricFamily("doqproxy_cache_entries", "Entries in the cache.")
         entries.add_metric([], len(cache))
         yield entries
@@ -121,18 +134,27 @@ class ForwardCollector(Collector):
     def _pool(self, upstream: DoqUpstream) -> Iterator[Metric]:
         stats = upstream.stats
         label = [upstream.name]
-        for name, value, text in (
-            ("connections_opened", stats.connections_opened, "QUIC connections opened."),
-            ("handshakes", stats.handshakes, "Completed QUIC handshakes."),
-            ("sessions_resumed", stats.sessions_resumed, "Handshakes that resumed a session."),
-            ("early_data_attempted", stats.early_data_sent, "Connections that sent 0-RTT data."),
-            ("early_data_accepted", stats.early_data_accepted, "0-RTT data the server accepted."),
-            ("retries", stats.retries, "Queries retried on a fresh connection."),
-            ("connect_failures", stats.connect_failures, "Connections that never came up."),
-        ):
-            metric = CounterMetricFamily(f"doqproxy_upstream_{name}", text, labels=["upstream"])
-            metric.add_metric(label, value)
-            yield metric
+        yield from counters(
+            "doqproxy_upstream",
+            (
+                ("connections_opened", stats.connections_opened, "QUIC connections opened."),
+                ("handshakes", stats.handshakes, "Completed QUIC handshakes."),
+                ("sessions_resumed", stats.sessions_resumed, "Handshakes that resumed a session."),
+                (
+                    "early_data_attempted",
+                    stats.early_data_sent,
+                    "Connections that sent 0-RTT data.",
+                ),
+                (
+                    "early_data_accepted",
+                    stats.early_data_accepted,
+                    "0-RTT data the server accepted.",
+                ),
+                ("retries", stats.retries, "Queries retried on a fresh connection."),
+                ("connect_failures", stats.connect_failures, "Connections that never came up."),
+            ),
+            ("upstream", upstream.name),
+        )
         closes = CounterMetricFamily(
             "doqproxy_upstream_connection_closes",
             "Upstream connections closed, by error code (DoQ names; QUIC/TLS codes in hex).",
@@ -201,19 +223,23 @@ class ServeCollector(Collector):
         for code, count in dict(stats.transport_closes).items():
             transport.add_metric([f"{code:#x}"], count)
         yield transport
-        for name, value, text in (
-            ("connections", stats.connections, "Connections accepted."),
-            ("refused", stats.refused, "Connections refused at --max-connections."),
-            ("queries", stats.streams, "Queries read completely."),
-            ("early_queries", stats.early_queries, "Queries that arrived as 0-RTT data."),
-            ("too_early", stats.too_early, "0-RTT queries refused with EDE 26."),
-            ("stream_timeouts", stats.stream_timeouts, "Streams reset at the read deadline."),
-            ("idle_timeouts", stats.idle_timeouts, "Connections closed by the idle timeout."),
-            ("upstream_errors", self.resolver.stats.upstream_errors, "SERVFAIL for the backend."),
-        ):
-            metric = CounterMetricFamily(f"doqproxy_serve_{name}", text)
-            metric.add_metric([], value)
-            yield metric
+        yield from counters(
+            "doqproxy_serve",
+            (
+                ("connections", stats.connections, "Connections accepted."),
+                ("refused", stats.refused, "Connections refused at --max-connections."),
+                ("queries", stats.streams, "Queries read completely."),
+                ("early_queries", stats.early_queries, "Queries that arrived as 0-RTT data."),
+                ("too_early", stats.too_early, "0-RTT queries refused with EDE 26."),
+                ("stream_timeouts", stats.stream_timeouts, "Streams reset at the read deadline."),
+                ("idle_timeouts", stats.idle_timeouts, "Connections closed by the idle timeout."),
+                (
+                    "upstream_errors",
+                    self.resolver.stats.upstream_errors,
+                    "SERVFAIL for the backend.",
+                ),
+            ),
+        )
         active = GaugeMetricFamily("doqproxy_serve_active_connections", "Open connections.")
         active.add_metric([], stats.active)
         yield active
