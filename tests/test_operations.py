@@ -224,6 +224,11 @@ def _readable_by(shared: Path, ca: str, uid: int, gid: int) -> tuple[Path, Path]
 
 async def _check_dropped(proxy: ProxyProcess, uid: int, metrics_port: int) -> None:
     nobody = uid
+    # The listening socket accepts as soon as it is bound, a moment before the switch.
+    for _ in range(100):
+        if _uids(proxy.proc.pid) == [nobody] * 4:
+            break
+        await asyncio.sleep(0.05)
     assert _uids(proxy.proc.pid) == [nobody] * 4
     assert await ask(proxy, "a.test.") == "0"
     samples = await scrape(metrics_port)
