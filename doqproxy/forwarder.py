@@ -92,6 +92,8 @@ async def serve(
     stop = runtime.stop_event()
     ops = Operations(settings.ops)
     upstream = make_upstream(settings)
+    warm_up(upstream.configuration)
+    upstream.start()
     resolver = Resolver(
         ops.wrap_upstream(upstream), timeout=settings.timeout, cache=make_cache(settings.cache)
     )
@@ -119,8 +121,6 @@ async def serve(
     if reload is not None:
         reloader = Reloader(settings, reload, make_upstream, ops, resolver)
         ops.on_reload = reloader
-    warm_up(upstream.configuration)
-    await upstream.prepare()
     # Everything allocated so far lives as long as the process: keep it out of the
     # collector's way, so that full collections stay short (tail latency).
     gc.collect()

@@ -102,6 +102,7 @@ class DoqUpstream:
         self._opening: asyncio.Task[DoqConnection] | None = None
         self._maintenance: asyncio.Task[None] | None = None
         self._prepared: DoqConnection | None = None
+        self._preparing: asyncio.Future[DoqConnection] | None = None
         self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
 
@@ -131,8 +132,10 @@ class DoqUpstream:
         self._discard_prepared()
         for conn in list(self._connections):
             conn.close(doq.DoqError.NO_ERROR, "shutdown")
+        if self._preparing is not None:
+            self._preparing.cancel()
         if self._closing:
-            await asyncio.gather(*self._closing)
+            await asyncio.gather(*self._closing, return_exceptions=True)
         self.tickets.save()
 
     @property
@@ -204,6 +207,9 @@ class DoqUpstream:
                 self._wake_one()
 
     async def _open(self) -> DoqConnection:
+        if self._preparing is not None:
+            # A first flight is being prepared right now: it holds the ticket, use it.
+            await asyncio.wait({self._preparing})
         conn = self._take_prepared() or await self._build()
         conn.restart_idle_timer()
         self.stats.connections_opened += 1
@@ -235,6 +241,14 @@ class DoqUpstream:
 
     # --- a prepared first flight -------------------------------------------------
 
+    def start(self) -> None:
+        """Prepare a first flight now (in the background: a host-name upstream may need
+        a lookup) and start the once-a-second upkeep."""
+        task = asyncio.ensure_future(self.prepare())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        self._start_maintenance()
+
     async def prepare(self) -> None:
         """Build the next connection's first flight ahead of the query that needs it.
 
@@ -253,12 +267,15 @@ class DoqUpstream:
             if time.monotonic() - prepared.info.opened_at < PREPARED_MAX_AGE:
                 return
             self._discard_prepared()
-        if not self.tickets.count(self._key):
+        if not self.tickets.count(self._key) or self._preparing is not None:
             return
+        self._preparing = asyncio.ensure_future(self._build())
         try:
-            self._prepared = await self._build()
+            self._prepared = await self._preparing
         except (OSError, UpstreamError) as exc:
             log.debug("%s: cannot prepare a connection: %s", self.name, exc)
+        finally:
+            self._preparing = None
         self._start_maintenance()
 
     def _take_prepared(self) -> DoqConnection | None:

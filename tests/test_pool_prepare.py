@@ -69,3 +69,30 @@ async def test_nothing_prepared_without_a_ticket_or_with_0rtt_off(
     assert off._prepared is None
     await pool.aclose()
     await off.aclose()
+
+
+async def test_query_during_preparation_waits_for_the_prepared_flight(
+    upstream: DoqTestUpstream, certs: Certs
+) -> None:
+    configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file)
+    url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
+    tickets = TicketFile(None)
+    first = DoqUpstream(url, configuration, PoolSettings(), tickets=tickets)
+    assert (await ask(first, "a.test.")).answer
+    for _ in range(100):
+        if tickets.count(first._key):
+            break
+        await asyncio.sleep(0.02)
+    await first.aclose()
+
+    pool = DoqUpstream(url, configuration, PoolSettings(), tickets=tickets)
+    pool.start()  # the preparation runs in the background...
+    for _ in range(20):  # ...has taken the ticket and is building the connection...
+        if tickets.count(pool._key) == 0:
+            break
+        await asyncio.sleep(0)
+    assert pool._preparing is not None and tickets.count(pool._key) == 0
+    assert (await ask(pool, "n2.test.")).answer  # ...and the query must not race it
+    assert upstream.state.seen[-1].early
+    assert upstream.state.early_accepted == 1
+    await pool.aclose()
