@@ -142,14 +142,15 @@ class DoqConnection:
         :meth:`query` or :meth:`flush`, so that a query can ride along as 0-RTT."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET
-        local = "::" if family == socket.AF_INET6 else "0.0.0.0"
         quic = _ClientQuicConnection(
             configuration=self.configuration,
             session_ticket_handler=self._ticket_handler,
             token_handler=self._token_handler,
         )
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _Protocol(quic), family=family, local_addr=(local, 0)
+            # A connected socket: the kernel then reports ICMP port/host unreachable,
+            # so a dead upstream fails fast instead of at the query timeout.
+            lambda: _Protocol(quic), family=family, remote_addr=self.address
         )
         self._transport = transport
         self._protocol = protocol

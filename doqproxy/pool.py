@@ -320,7 +320,8 @@ class DoqUpstream:
         if conn.handshake_done.cancelled() or conn.handshake_done.exception() is not None:
             self.stats.connect_failures += 1
             self._backoff.failed(time.monotonic())
-            self._last_error = info.close_reason or "handshake failed"
+            failure = None if conn.handshake_done.cancelled() else conn.handshake_done.exception()
+            self._last_error = str(failure) if failure else "handshake failed"
             return
         self._backoff.succeeded()
         stats = self.stats

@@ -252,3 +252,20 @@ async def test_sigterm_closes_upstream_with_no_error(
             break
         await asyncio.sleep(0.05)
     assert upstream.state.close_codes == [0]
+
+
+async def test_closed_upstream_port_fails_fast_and_backs_off(start_proxy: StartProxy) -> None:
+    from .conftest import free_port
+
+    proxy = start_proxy(free_port(), "--timeout", "5")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await udp(proxy, "a.test.", use_edns=0)
+    assert response.rcode() == dns.rcode.SERVFAIL
+    assert loop.time() - started < 2, "ICMP port unreachable should fail the query at once"
+    ede = [o for o in response.options if o.otype == dns.edns.OptionType.EDE]
+    assert ede and "Connection refused" in ede[0].text
+    # While backing off, further queries fail at once without a new attempt.
+    response = await udp(proxy, "a.test.", use_edns=0)
+    ede = [o for o in response.options if o.otype == dns.edns.OptionType.EDE]
+    assert ede and ("next attempt in" in ede[0].text or "Connection refused" in ede[0].text)
