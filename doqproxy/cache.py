@@ -35,6 +35,8 @@ Clock = Callable[[], float]
 PrefetchHook = Callable[[bytes, Question], None]
 """Called with the client's query and its parsed question when a hit wants a refresh."""
 
+_NOT_ANSWERABLE = frozenset({wire.TYPE_OPT, *range(128, 253)})
+"""Meta QTYPEs, TSIG, TKEY, IXFR and AXFR: the long way refuses them (validate.py)."""
 _FLAG_OCTETS = (b"\x00", b"\x01", b"\x02", b"\x03")
 """Key suffix by ``do << 1 | cd``."""
 _PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -198,9 +200,14 @@ class AnswerCache:
         )
         store = self._store
         now = self.clock()
-        entry = store.get(key, now) or store.get(key[: name_end - 12] + key[-3:], now)
+        entry = store.get(key, now)
         if entry is None:
-            return None
+            qtype = (data[name_end] << 8) | data[name_end + 1]
+            if qtype in _NOT_ANSWERABLE:
+                return None  # validation rejects these; a cached NXDOMAIN must not answer
+            entry = store.get(key[: name_end - 12] + key[-3:], now)
+            if entry is None:
+                return None
         age = now - entry.stored_at
         if age >= entry.ttl:
             return None  # stale: the long way decides

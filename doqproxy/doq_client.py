@@ -150,7 +150,9 @@ class DoqConnection:
         transport, protocol = await loop.create_datagram_endpoint(
             # A connected socket: the kernel then reports ICMP port/host unreachable,
             # so a dead upstream fails fast instead of at the query timeout.
-            lambda: _Protocol(quic), family=family, remote_addr=self.address
+            lambda: _Protocol(quic),
+            family=family,
+            remote_addr=self.address,
         )
         self._transport = transport
         self._protocol = protocol

@@ -218,6 +218,8 @@ class DoqConnection(QuicConnectionProtocol):
     async def _answer(self, sid: int, message: bytes) -> None:
         try:
             reply = await self._listener.resolver.resolve(message, udp=False)
+            if reply is not None and doq_server.wants_padding(message):
+                reply = rewrite.pad_response(reply)
         except Exception:
             log.exception("resolver failed on stream %d", sid)
             self._reset(sid, DoqError.INTERNAL_ERROR)
@@ -227,8 +229,6 @@ class DoqConnection(QuicConnectionProtocol):
             # Not a DNS query at all (shorter than a header, or QR=1).
             self._reset(sid, DoqError.UNSPECIFIED_ERROR)
         else:
-            if doq_server.wants_padding(message):
-                reply = rewrite.pad_response(reply)
             self._send(sid, reply)
         self.transmit()
 

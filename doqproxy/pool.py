@@ -236,7 +236,14 @@ class DoqUpstream:
             on_dead=self._forget,
         )
         conn.dead_after = self.settings.dead_after
-        await conn.open()
+        try:
+            await conn.open()
+        except OSError as exc:  # network down, no IPv6 route, ...
+            if configuration.session_ticket is not None:
+                self.tickets.restore(self._key, configuration.session_ticket)
+            self._backoff.failed(time.monotonic())
+            self._last_error = f"cannot open a socket to {address[0]}: {exc.strerror or exc}"
+            raise UpstreamError(self._last_error, Ede.NETWORK_ERROR) from None
         return conn
 
     # --- a prepared first flight -------------------------------------------------

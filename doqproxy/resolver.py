@@ -161,6 +161,9 @@ class Resolver:
             return Failure(f"{self.upstream.name}: {exc}", exc.ede)
         except rewrite.ResponseMismatch as exc:
             return Failure(f"{self.upstream.name}: {exc}", Ede.INVALID_DATA)
+        except Exception:  # a bug must cost one SERVFAIL, never the client's reply
+            log.exception("upstream query failed unexpectedly")
+            return Failure(f"{self.upstream.name}: internal error", Ede.OTHER)
         if self.cache is not None:
             self.cache.store(question, response, parsed)
         return Answer(response, parsed)

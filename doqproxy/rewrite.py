@@ -119,8 +119,15 @@ def client_reply(
 
 
 def pad_response(response: bytes, block: int = RESPONSE_PADDING_BLOCK) -> bytes:
-    """Pad a response that has an OPT record to a multiple of ``block`` octets."""
-    parsed = wire.parse_question(response)
+    """Pad a response that has an OPT record to a multiple of ``block`` octets.
+
+    A reply that cannot be parsed as one (a header-only NOTIMP or FORMERR) is
+    returned as it is.
+    """
+    try:
+        parsed = wire.parse_question(response)
+    except wire.WireError:
+        return response
     edns = parsed.edns
     if edns is None:
         return response

@@ -18,7 +18,15 @@ from doqproxy import rewrite, wire
 from doqproxy.cache import AnswerCache, CacheSettings
 from doqproxy.cache_entry import ENTRY_OVERHEAD
 
-from .cache_fakes import FakeClock, Zone, answer_a, fresh_reply, make_query, upstream_answer
+from .cache_fakes import (
+    FakeClock,
+    Zone,
+    answer_a,
+    fresh_reply,
+    make_query,
+    nxdomain,
+    upstream_answer,
+)
 
 
 def store(cache: AnswerCache, query: bytes, zone: Zone) -> bool:
@@ -219,3 +227,12 @@ def test_reconfigure_keeps_entries_within_new_bounds() -> None:
     assert cache.fast_reply(make_query("n19.example."), udp=True) is not None
     assert store(cache, make_query("new.example."), answer_a("192.0.2.1"))
     assert len(cache) == 5
+
+
+def test_cached_nxdomain_never_answers_types_validation_refuses() -> None:
+    cache = AnswerCache(CacheSettings(), clock=FakeClock())
+    assert store(cache, make_query("gone.example."), nxdomain())
+    assert cache.fast_reply(make_query("gone.example.", "AAAA"), udp=True) is not None
+    for rdtype in ("AXFR", "IXFR", "TSIG", "TKEY", "OPT"):
+        query = make_query("gone.example.", rdtype)
+        assert cache.fast_reply(query, udp=True) is None, rdtype

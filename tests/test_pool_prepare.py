@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import dns.message
+import pytest
 
 from doqproxy import rewrite, wire
 from doqproxy.addresses import UpstreamUrl
@@ -95,4 +96,25 @@ async def test_query_during_preparation_waits_for_the_prepared_flight(
     assert (await ask(pool, "n2.test.")).answer  # ...and the query must not race it
     assert upstream.state.seen[-1].early
     assert upstream.state.early_accepted == 1
+    await pool.aclose()
+
+
+async def test_socket_errors_become_upstream_errors_and_back_off(
+    certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from doqproxy.doq_client import DoqConnection
+    from doqproxy.upstream import UpstreamError
+
+    async def unreachable(self: DoqConnection) -> None:
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(DoqConnection, "open", unreachable)
+    configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file)
+    pool = DoqUpstream(UpstreamUrl("quic", "127.0.0.1", 853), configuration, PoolSettings())
+    with pytest.raises(UpstreamError, match="Network is unreachable"):
+        await ask(pool, "a.test.")
+    with pytest.raises(UpstreamError, match="next attempt in"):
+        await ask(pool, "a.test.")
     await pool.aclose()

@@ -174,3 +174,8 @@ def test_client_reply_leaves_an_opt_that_is_not_last_alone() -> None:
     reply = rewrite.client_reply(bytes(raw), parsed, q, udp=False)
     assert reply[2:] == bytes(raw)[2:]
     assert dns.message.from_wire(reply).id == 4321
+
+
+def test_pad_response_leaves_a_header_only_reply_alone() -> None:
+    header_only = b"\x00\x00\x80\x04" + b"\x00" * 8  # NOTIMP, no question
+    assert rewrite.pad_response(header_only) == header_only
