@@ -1,7 +1,8 @@
 """Rewrite messages on their way up to an upstream and back to a client.
 
 Pure functions over wire bytes. On the way up a query gets ID 0, loses any
-edns-tcp-keepalive option (RFC 9250 §5.5.2) and any padding it carried, and is
+edns-tcp-keepalive option (RFC 9250 §5.5.2), any padding, COOKIE and ECS option it
+carried, and is
 padded afresh to a block size (RFC 8467). On the way back the answer gets the
 client's ID, the client's spelling of the question name, an OPT record only if
 the client sent one (carrying our payload size, without padding), and is
@@ -22,7 +23,12 @@ RESPONSE_PADDING_BLOCK = 468
 OUR_UDP_PAYLOAD = 1232
 """The payload size we advertise (DNS flag day 2020)."""
 
-_DROP_UPSTREAM = frozenset({wire.OPTION_KEEPALIVE, wire.OPTION_PADDING})
+_DROP_UPSTREAM = frozenset(
+    {wire.OPTION_KEEPALIVE, wire.OPTION_PADDING, wire.OPTION_COOKIE, wire.OPTION_ECS}
+)
+"""Hop-by-hop options: keepalive and padding belong to one transport, a cookie to one
+client-server pair (RFC 7873), and a client subnet must neither leak upstream nor end
+up in an answer shared through the cache with other clients."""
 
 
 def upstream_query(data: bytes, question: Question, *, pad_block: int | None) -> bytes:

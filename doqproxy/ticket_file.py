@@ -171,7 +171,7 @@ class TicketFile:
                 self._tokens[str(key)] = base64.b64decode(token, validate=True)
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except Exception as exc:  # whatever is in the file: a warning, never a failed start
             self._tickets.clear()
             self._tokens.clear()
             log.warning("ignoring %s (the next connection does a full handshake): %s", path, exc)
@@ -194,7 +194,9 @@ class TicketFile:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # a leftover must not lend us its owner or mode
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as handle:
                 json.dump(data, handle)
                 handle.flush()

@@ -52,14 +52,17 @@ def test_upstream_query_padding_and_id(label: str, edns: bool, block: int | None
         assert out[2:] == data[2:]
 
 
-def test_upstream_query_strips_keepalive_keeps_cookie() -> None:
+def test_upstream_query_strips_hop_by_hop_options_keeps_others() -> None:
     keepalive = dns.edns.GenericOption(11, b"")
     cookie = dns.edns.GenericOption(10, b"abcdefgh")
-    data, q = query(use_edns=0, options=[keepalive, cookie])
+    ecs = dns.edns.ECSOption("203.0.113.0", 24)
+    nsid = dns.edns.GenericOption(3, b"")
+    data, q = query(use_edns=0, options=[keepalive, cookie, ecs, nsid])
     for block in (None, 128):
         out = dns.message.from_wire(rewrite.upstream_query(data, q, pad_block=block))
         codes = [o.otype for o in out.options]
-        assert 11 not in codes and 10 in codes
+        assert 11 not in codes and 10 not in codes and 8 not in codes
+        assert 3 in codes
 
 
 def test_client_reply_restores_id_case_and_strips_padding() -> None:

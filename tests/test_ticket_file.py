@@ -84,3 +84,24 @@ def test_default_state_dir(
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(os, "geteuid", lambda: euid)
     assert default_state_dir() == Path(expected)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[" * 100_000, b'{"version": 1, "tickets": {"k": [{"age_add": Infinity}]}}', b"\xff\xfe"],
+)
+def test_hostile_files_are_ignored(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "tickets.json"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    assert TicketFile(tmp_path).count("k") == 0
+
+
+def test_a_leftover_temp_file_does_not_lend_its_mode(tmp_path: Path) -> None:
+    leftover = tmp_path / f".tickets.json.{os.getpid()}.tmp"
+    leftover.write_text("old")
+    leftover.chmod(0o644)
+    store = TicketFile(tmp_path)
+    store.add("k", ticket(b"t"))
+    assert (tmp_path / "tickets.json").stat().st_mode & 0o777 == 0o600
+    assert TicketFile(tmp_path).count("k") == 1
