@@ -17,12 +17,14 @@ goes the long way, through validation and :meth:`AnswerCache.lookup`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import wire
 from .cache_entry import CacheEntry, TtlPolicy, Uncacheable, build_entry, question_bytes
@@ -32,8 +34,9 @@ from .wire import Question
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-PrefetchHook = Callable[[bytes, Question], None]
-"""Called with the client's query and its parsed question when a hit wants a refresh."""
+PrefetchHook = Callable[[bytes, Question], "asyncio.Future[Any] | None"]
+"""Called with the client's query and its parsed question when a hit wants a refresh;
+returns the refresh under way, if any."""
 
 _NOT_ANSWERABLE = frozenset({wire.TYPE_OPT, *range(128, 253)})
 """Meta QTYPEs, TSIG, TKEY, IXFR and AXFR: the long way refuses them (validate.py)."""
@@ -303,9 +306,14 @@ class AnswerCache:
                 question = wire.parse_question(data)
             except wire.WireError:
                 return
+        if not question.flags & wire.FLAG_RD:
+            return  # an RD=0 answer is not stored, so it could not refresh anything
         entry.refreshing = True
         self.stats.prefetches += 1
-        hook(data, question)
+        refresh = hook(data, question)
+        if refresh is not None:
+            # Whatever came of it (stored, failed, not cacheable), a later hit may try again.
+            refresh.add_done_callback(lambda _: setattr(entry, "refreshing", False))
 
     # --- storing ---------------------------------------------------------------
 

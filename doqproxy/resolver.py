@@ -176,7 +176,7 @@ class Resolver:
         self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
         return reply
 
-    def _refresh(self, data: bytes, question: Question) -> None:
+    def _refresh(self, data: bytes, question: Question) -> asyncio.Task[None]:
         """Prefetch: refresh a cache entry in the background."""
         assert self.cache is not None
         key = (self.cache.key(question), question.flags & wire.FLAG_RD)
@@ -184,6 +184,7 @@ class Resolver:
         task = asyncio.get_running_loop().create_task(self._await_refresh(fetch, question))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _await_refresh(self, fetch: asyncio.Task[Outcome], question: Question) -> None:
         outcome = await self._fetches.wait(fetch)

@@ -164,3 +164,23 @@ async def test_coalesced_waiters_all_get_servfail_on_failure() -> None:
     assert {r.rcode() for r in replies} == {dns.rcode.SERVFAIL}
     assert len(upstream.calls) == 1 and len(cache) == 0
     await resolver.aclose()
+
+
+async def test_failed_prefetch_can_be_tried_again_and_rd0_never_prefetches() -> None:
+    resolver, upstream, clock, cache = setup()
+    await resolve(resolver, make_query("www.example."))
+    clock.advance(91)  # the last 10% of the TTL
+    no_rd = bytearray(make_query("www.example."))
+    no_rd[2] &= 0xFE
+    await resolve(resolver, bytes(no_rd))
+    await resolver.settle()
+    assert len(upstream.calls) == 1 and cache.stats.prefetches == 0
+    upstream.fail = UpstreamError("down")
+    await resolve(resolver, make_query("www.example."))
+    await resolver.settle()
+    assert len(upstream.calls) == 2  # the prefetch went out and failed
+    upstream.fail = None
+    await resolve(resolver, make_query("www.example."))
+    await resolver.settle()
+    assert len(upstream.calls) == 3  # ...so the next hit may try again
+    assert ttls(await resolve(resolver, make_query("www.example."))) == [100]
