@@ -28,6 +28,7 @@ ENTRY_OVERHEAD = 300
 key, its stored-at time and the store's dict slot. With tracemalloc on CPython 3.11,
 100,000 single-A entries took 302 bytes each in all; used by the cache's byte bound."""
 
+_TYPE_CNAME = 5
 _TTL = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 _RR_FIXED = struct.Struct("!HHIH")
@@ -224,17 +225,24 @@ def build_entry(response: bytes, parsed: Question, *, now: float, policy: TtlPol
     _, an, ns, ar = parsed.counts
     records = an + ns + ar - (edns is not None)
     start = parsed.question_end
-    ttl_offsets, ttls, soa = _walk(response, start, records, an, ns)
+    ttl_offsets, ttls, soa, answer_types = _walk(response, start, records, an, ns)
 
-    negative = rcode == wire.RCODE_NXDOMAIN or an == 0
+    # Negative (RFC 2308): NXDOMAIN, NOERROR with no answer, or NOERROR with an SOA
+    # and no record of the type asked for (NODATA after a CNAME chain). A CNAME
+    # chain without an SOA is a positive answer as far as it goes.
+    qtype = parsed.qtype
+    answered = qtype in answer_types or qtype in (wire.TYPE_ANY, _TYPE_CNAME)
+    negative = rcode == wire.RCODE_NXDOMAIN or an == 0 or (not answered and soa is not None)
     if negative:
         if soa is None:
             raise Uncacheable("negative answer without SOA")
-        ttl = min(soa[0], soa[1], policy.max_negative_ttl)
-        served = [min(t, ttl) for t in ttls]
+        limit = min(soa[0], soa[1], policy.max_negative_ttl)
+        served = [min(t, limit) for t in ttls]
     else:
         served = [min(max(t, policy.min_ttl), policy.max_ttl) for t in ttls]
-        ttl = min(served)
+    # The entry lives as long as its shortest record (a short CNAME before an
+    # NXDOMAIN must not be served at TTL 0 for the rest of the negative TTL).
+    ttl = min(served)
     if ttl <= 0:
         raise Uncacheable("TTL 0")
 
@@ -255,12 +263,14 @@ def build_entry(response: bytes, parsed: Question, *, now: float, policy: TtlPol
 
 def _walk(
     data: bytes, start: int, records: int, an: int, ns: int
-) -> tuple[list[int], list[int], tuple[int, int] | None]:
-    """TTL offsets (relative to ``start``) and TTLs of ``records`` records, and the
-    (TTL, MINIMUM) of the first SOA in the authority section."""
+) -> tuple[list[int], list[int], tuple[int, int] | None, set[int]]:
+    """TTL offsets (relative to ``start``) and TTLs of ``records`` records, the
+    (TTL, MINIMUM) of the first SOA in the authority section, and the types found in
+    the answer section."""
     offsets: list[int] = []
     ttls: list[int] = []
     soa: tuple[int, int] | None = None
+    answer_types: set[int] = set()
     pos = start
     for index in range(records):
         pos = wire.skip_name(data, pos)
@@ -271,11 +281,13 @@ def _walk(
             ttl = 0  # RFC 2181 §8
         offsets.append(pos + 4 - start)
         ttls.append(ttl)
+        if index < an:
+            answer_types.add(rtype)
         pos += 10
         if soa is None and rtype == wire.TYPE_SOA and an <= index < an + ns and rdlen >= 22:
             soa = (ttl, min(_TTL.unpack_from(data, pos + rdlen - 4)[0], _MAX_TTL))
         pos += rdlen
-    return offsets, ttls, soa
+    return offsets, ttls, soa, answer_types
 
 
 def question_bytes(question: Question) -> bytes:

@@ -24,6 +24,7 @@ from .cache_fakes import (
     answer_a,
     fresh_reply,
     make_query,
+    nodata,
     nxdomain,
     upstream_answer,
 )
@@ -236,3 +237,30 @@ def test_cached_nxdomain_never_answers_types_validation_refuses() -> None:
     for rdtype in ("AXFR", "IXFR", "TSIG", "TKEY", "OPT"):
         query = make_query("gone.example.", rdtype)
         assert cache.fast_reply(query, udp=True) is None, rdtype
+
+
+def _cname_then(negative: Zone, cname_ttl: int) -> Zone:
+    def fill(query: dns.message.Message, response: dns.message.Message) -> None:
+        name = query.question[0].name
+        response.answer.append(dns.rrset.from_text(name, cname_ttl, "IN", "CNAME", "t.example."))
+        negative(query, response)
+
+    return fill
+
+
+def test_nxdomain_after_a_short_cname_lives_as_long_as_the_cname() -> None:
+    clock = FakeClock()
+    cache = AnswerCache(CacheSettings(), clock=clock)
+    assert store(cache, make_query("c.example."), _cname_then(nxdomain(600, 300), cname_ttl=5))
+    assert cache.fast_reply(make_query("c.example."), udp=True) is not None
+    clock.advance(6)
+    assert cache.fast_reply(make_query("c.example."), udp=True) is None
+
+
+def test_nodata_after_a_cname_is_negative() -> None:
+    clock = FakeClock()
+    cache = AnswerCache(CacheSettings(), clock=clock)
+    zone = _cname_then(nodata(600, 60), cname_ttl=1800)
+    assert store(cache, make_query("c.example."), zone)
+    clock.advance(61)  # past the SOA MINIMUM: negative TTL, not the CNAME's 1800
+    assert cache.fast_reply(make_query("c.example."), udp=True) is None
