@@ -10,7 +10,6 @@ per-message deadline, so a slow sender cannot hold a connection open.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 from collections import Counter
@@ -72,7 +71,10 @@ class TcpFrontEnd:
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
             self._writers.discard(writer)
-            writer.close()
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # unsent answers for a client that stopped reading
+            else:
+                writer.close()
 
     def close_all(self) -> None:
         for writer in list(self._writers):
@@ -102,6 +104,8 @@ class _Connection:
             reply = self.front.resolver.cached_reply(message, udp=False, client=self.peer)
             if reply is not None:
                 self._send(reply)
+                if not await self._drain():
+                    break
                 continue
             await self.slots.acquire()
             task = self.front.inflight.spawn(self._answer(message))
@@ -151,6 +155,18 @@ class _Connection:
         if not self.writer.is_closing():
             self.writer.write(struct.pack("!H", len(reply)) + reply)
 
-    async def _drain(self) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.writer.drain()
+    async def _drain(self) -> bool:
+        """Wait while the client is not reading our answers (the transport pauses us
+        above 64 KiB of unsent data). A client that stays stalled past the message
+        deadline is cut off and its buffer dropped: ``False``."""
+        writer = self.writer
+        try:
+            async with asyncio.timeout(self.front.limits.message_timeout):
+                await writer.drain()
+        except TimeoutError:
+            log.debug("closing TCP connection: the client does not read its answers")
+            writer.transport.abort()
+            return False
+        except (ConnectionError, OSError):
+            return False
+        return True

@@ -265,3 +265,36 @@ def test_cli_permission_denied_below_1024() -> None:
             pytest.skip("unprivileged users may bind port 53 on this kernel")
     result = run_cli("forward", "-l", "127.0.0.1:53", "-u", "quic://127.0.0.1", user="nobody")
     assert_one_line_error(result, "permission denied", "CAP_NET_BIND_SERVICE", "socket activation")
+
+
+async def test_client_that_never_reads_is_cut_off(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(upstream.port, "--tcp-message-timeout", "1", "-vv", cache=True)
+    data = dns.message.make_query("mid.test.", "TXT").to_wire()
+    framed = struct.pack("!H", len(data)) + data
+    assert (await tcp_exchange(proxy.port, data)) is not None  # now cached (~800 octets)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", proxy.port))
+    sent = 0
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        async with asyncio.timeout(8):
+            while sent < 20_000:  # 16 MB of answers if it buffered them all
+                await loop.sock_sendall(sock, framed * 50)
+                sent += 50
+    for _ in range(100):
+        if "does not read its answers" in proxy.stderr():
+            break
+        await asyncio.sleep(0.1)
+    assert "does not read its answers" in proxy.stderr()
+    assert _rss_kb(proxy.proc.pid) < 150_000
+    assert (await tcp_query(proxy.port, "a.test.")).answer  # everyone else is still served
+    sock.close()
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return int(handle.read().split("VmRSS:")[1].split()[0])
