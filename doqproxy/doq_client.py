@@ -128,6 +128,10 @@ class DoqConnection:
         self.dead_after = 1.0
         """Seconds of silence after a query before the connection is presumed dead."""
         self._watchdog: asyncio.TimerHandle | None = None
+        self.handshake_timeout = 5.0
+        """Seconds from the first flight to a completed handshake before giving up
+        (an upstream that drops our packets without an ICMP error)."""
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, tuple[doq.StreamReader, asyncio.Future[bytes]]] = {}
         self._ticket_handler = ticket_handler
@@ -229,25 +233,32 @@ class DoqConnection:
         """
         if self.dead or self._protocol is None:
             raise ConnectionLost("connection is closed")
-        if not self.handshake_done.done() and not (early and self.resumable):
-            self.flush()
-            await asyncio.shield(self.handshake_done)
+        self.in_flight += 1  # counted while waiting for the handshake too (pool capacity)
+        try:
+            if not self.handshake_done.done() and not (early and self.resumable):
+                self.flush()
+                await asyncio.shield(self.handshake_done)
+            return await self._exchange(message)
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.monotonic()
+
+    async def _exchange(self, message: bytes) -> bytes:
+        if self.dead or self._protocol is None:
+            raise ConnectionLost("connection is closed")
         quic = self._protocol._quic
         stream_id = quic.get_next_available_stream_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = (doq.StreamReader(), future)
-        self.in_flight += 1
         sent_at = time.monotonic()
         if not self.handshake_done.done():
             self.info.early_data_sent = True
         quic.send_stream_data(stream_id, doq.frame(message), end_stream=True)
-        self._protocol.transmit()
+        self.flush()
         self._arm_watchdog(sent_at)
         try:
             return await future
         finally:
-            self.in_flight -= 1
-            self.last_used = time.monotonic()
             if self._pending.pop(stream_id, None) is not None and not self.dead:
                 # Cancelled (timeout) before the answer: tell the server to stop.
                 self._cancel_stream(stream_id)
@@ -292,6 +303,21 @@ class DoqConnection:
         """Send whatever is pending, the first flight included."""
         if self._protocol is not None:
             self._protocol.transmit()
+            self._arm_handshake_timer()
+
+    def _arm_handshake_timer(self) -> None:
+        if self._handshake_timer is not None or self.handshake_done.done():
+            return
+
+        def expire() -> None:
+            if not self.handshake_done.done():
+                timeout = self.handshake_timeout
+                self._fail(ConnectionLost(f"no handshake within {timeout:g}s (no reply)"))
+                if self._protocol is not None:
+                    self._protocol.close(error_code=doq.DoqError.NO_ERROR, reason_phrase="timeout")
+
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(self.handshake_timeout, expire)
 
     def ping(self) -> None:
         """Send a PING (for the opt-in keepalive)."""
@@ -357,6 +383,9 @@ class DoqConnection:
                 quic.requeue_early_data(time.monotonic())
                 assert self._protocol is not None
                 self._protocol._transmit_soon()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         if not self.handshake_done.done():
             self.handshake_done.set_result(None)
         log.debug(
@@ -380,9 +409,10 @@ class DoqConnection:
         if self.dead:
             return
         self.dead = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        for timer in (self._watchdog, self._handshake_timer):
+            if timer is not None:
+                timer.cancel()
+        self._watchdog = self._handshake_timer = None
         if not self.handshake_done.done():
             self.handshake_done.set_exception(exc)
             self.handshake_done.exception()  # mark retrieved: nobody may be waiting

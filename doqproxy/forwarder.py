@@ -72,7 +72,7 @@ def make_upstream(settings: ForwardSettings) -> DoqUpstream:
     url = settings.upstream
     server_name = settings.tls_server_name or url.host
     configuration = client_configuration(server_name, ca_file=settings.tls_ca_file)
-    pool = settings.pool
+    pool = dataclasses.replace(settings.pool, handshake_timeout=settings.timeout)
     if not settings.padding:
         pool = dataclasses.replace(pool, pad_block=None)
     return DoqUpstream(url, configuration, pool, tickets=TicketFile(settings.state_dir))

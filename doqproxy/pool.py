@@ -74,6 +74,8 @@ class PoolSettings:
     """Seconds of total silence after a query before a connection is presumed dead."""
     max_age: float | None = None
     """Seconds after which a connection takes no new queries and is closed once idle."""
+    handshake_timeout: float = 5.0
+    """Seconds a handshake may take before the connection counts as failed (backoff)."""
 
 
 class DoqUpstream:
@@ -236,6 +238,7 @@ class DoqUpstream:
             on_dead=self._forget,
         )
         conn.dead_after = self.settings.dead_after
+        conn.handshake_timeout = self.settings.handshake_timeout
         try:
             await conn.open()
         except OSError as exc:  # network down, no IPv6 route, ...

@@ -269,3 +269,31 @@ async def test_closed_upstream_port_fails_fast_and_backs_off(start_proxy: StartP
     response = await udp(proxy, "a.test.", use_edns=0)
     ede = [o for o in response.options if o.otype == dns.edns.OptionType.EDE]
     assert ede and ("next attempt in" in ede[0].text or "Connection refused" in ede[0].text)
+
+
+async def test_blackholed_upstream_fails_within_timeout_then_fast(start_proxy: StartProxy) -> None:
+    import socket
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # reads nothing, answers nothing
+    sink.bind(("127.0.0.1", 0))
+    try:
+        proxy = start_proxy(sink.getsockname()[1], "--timeout", "1")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await udp(proxy, "a.test.")).rcode() == dns.rcode.SERVFAIL
+        assert loop.time() - started < 2.5
+        # The handshake deadline (= --timeout) has passed too: the connection is
+        # given up and reconnecting backs off, so the next query fails at once.
+        # (Backoff still allows an attempt per window, so allow a slow one on a busy box.)
+        for _ in range(3):
+            started = loop.time()
+            response = await udp(proxy, "n1.test.", use_edns=0)
+            assert response.rcode() == dns.rcode.SERVFAIL
+            if loop.time() - started < 0.5:
+                break
+        else:
+            raise AssertionError("backoff never answered at once")
+        ede = [o for o in response.options if o.otype == dns.edns.OptionType.EDE]
+        assert ede and ("no handshake within 1s" in ede[0].text or "next attempt" in ede[0].text)
+    finally:
+        sink.close()
