@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-DEBIAN_TOOLS := bind9-dnsutils knot-dnsutils
 
 .PHONY: install venv test lint debian-tools demo bench clean
 
@@ -17,13 +16,10 @@ venv: $(VENV)/.installed
 
 install: venv
 
-# dig and kdig are real, independent clients used by the end-to-end tests.
+# dig and kdig (independent clients for the end-to-end tests), dnsperf, unbound
+# and dnsmasq (the benchmark peers): installed with apt-get when missing.
 debian-tools:
-	@if ! command -v dig >/dev/null || ! command -v kdig >/dev/null; then \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(DEBIAN_TOOLS); \
-	fi
+	@scripts/debian-tools.sh
 
 lint: venv
 	$(VENV)/bin/ruff check doqproxy tests bench contrib
