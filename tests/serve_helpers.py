@@ -137,8 +137,8 @@ def start_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
         return server
 
     yield start
-    for server in started:
-        code = server.stop()
+    codes = [(server.stop(), server) for server in started]  # all stopped first
+    for code, server in codes:
         assert code == 0, server.log()
 
 

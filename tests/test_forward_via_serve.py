@@ -62,10 +62,11 @@ def chain(
 
     start.restart_serve = start_serve  # type: ignore[attr-defined]
     yield start
-    for proxy in proxies:
-        assert proxy.stop() == 0, proxy.stderr()
-    for server in servers:
+    codes = [(proxy.stop(), proxy) for proxy in proxies]
+    for server in servers:  # stopped whatever the proxies did
         server.stop()
+    for code, proxy in codes:
+        assert code == 0, proxy.stderr()
 
 
 async def ask(proxy: ProxyProcess, name: str = "www.example.test.") -> dns.message.Message:
