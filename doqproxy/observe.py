@@ -21,6 +21,7 @@ from typing import IO, Any
 import dns.rcode
 import dns.rdatatype
 
+from . import wire
 from .resolver import Resolver
 from .upstream import Upstream
 from .wire import Question
@@ -81,22 +82,11 @@ class TimedUpstream:
 
 def parse_question(data: bytes) -> tuple[str, str] | None:
     """(qname, qtype) as text from a raw query, or ``None`` if it has no sane question."""
-    pos, end = 12, len(data)
-    labels = []
-    while pos < end:
-        length = data[pos]
-        if length == 0:
-            break
-        if length & 0xC0:
-            return None
-        labels.append(data[pos + 1 : pos + 1 + length].decode("ascii", "backslashreplace"))
-        pos += 1 + length
-    else:
+    found = wire.scan_question(data)
+    if found is None or data[5] == 0:
         return None
-    if pos + 3 > end or data[5] == 0:
-        return None
-    qtype = int.from_bytes(data[pos + 1 : pos + 3], "big")
-    return ".".join(labels) + ".", _qtype_text(qtype)
+    name_end, qtype = found
+    return wire.name_text(data[12:name_end]), _qtype_text(qtype)
 
 
 _QTYPES: dict[int, str] = {}
@@ -113,15 +103,8 @@ def _qtype_text(qtype: int) -> str:
 
 def raw_qtype(data: bytes) -> int:
     """The QTYPE of a raw query, or -1; no decoding, for the per-query counters."""
-    pos, end = 12, len(data)
-    while pos < end:
-        length = data[pos]
-        if length == 0:
-            return int.from_bytes(data[pos + 1 : pos + 3], "big") if pos + 3 <= end else -1
-        if length & 0xC0:
-            return -1
-        pos += 1 + length
-    return -1
+    found = wire.scan_question(data)
+    return -1 if found is None else found[1]
 
 
 def qtype_label(qtype: int) -> str:

@@ -189,7 +189,7 @@ class Resolver:
     async def _await_refresh(self, fetch: asyncio.Task[Outcome], question: Question) -> None:
         outcome = await self._fetches.wait(fetch)
         if isinstance(outcome, Failure):
-            log.info("prefetch of %s failed: %s", _name(question), outcome.reason)
+            log.info("prefetch of %s failed: %s", wire.name_text(question.qname), outcome.reason)
 
     async def settle(self) -> None:
         """Wait until no upstream fetch or background refresh is under way."""
@@ -207,15 +207,5 @@ class Resolver:
     def _failure(self, question: Question, reason: str, ede: Ede) -> bytes:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
-        log.warning("SERVFAIL for %s: %s", _name(question), reason)
+        log.warning("SERVFAIL for %s: %s", wire.name_text(question.qname), reason)
         return wire.error_reply(question, wire.RCODE_SERVFAIL, ede=(ede, reason[:200]))
-
-
-def _name(question: Question) -> str:
-    labels = []
-    pos = 0
-    qname = question.qname
-    while qname[pos]:
-        labels.append(qname[pos + 1 : pos + 1 + qname[pos]].decode("ascii", "backslashreplace"))
-        pos += 1 + qname[pos]
-    return ".".join(labels) + "."

@@ -243,6 +243,32 @@ def _parse_options(data: bytes, pos: int, end: int) -> tuple[tuple[int, bytes], 
 # --- small field accessors -------------------------------------------------
 
 
+def scan_question(data: bytes) -> tuple[int, int] | None:
+    """(offset just past the question name, QTYPE) of a raw message whose first name
+    is uncompressed, without decoding anything; ``None`` if it is not readable."""
+    pos, end = HEADER_LEN, len(data)
+    while pos < end:
+        length = data[pos]
+        if length == 0:
+            if pos + 3 > end:
+                return None
+            return pos + 1, (data[pos + 1] << 8) | data[pos + 2]
+        if length & 0xC0:
+            return None
+        pos += 1 + length
+    return None
+
+
+def name_text(name: bytes) -> str:
+    """An uncompressed wire-form name as dotted text, for logs (no escaping)."""
+    labels = []
+    pos = 0
+    while pos < len(name) and name[pos]:
+        labels.append(name[pos + 1 : pos + 1 + name[pos]].decode("ascii", "backslashreplace"))
+        pos += 1 + name[pos]
+    return ".".join(labels) + "."
+
+
 def get_id(data: bytes) -> int:
     return (data[0] << 8) | data[1]
 

@@ -6,6 +6,7 @@ import asyncio
 
 import dns.message
 import pytest
+from aioquic.quic.configuration import QuicConfiguration
 
 from doqproxy import rewrite, wire
 from doqproxy.addresses import UpstreamUrl
@@ -24,9 +25,10 @@ async def ask(pool: DoqUpstream, name: str) -> dns.message.Message:
     return dns.message.from_wire(await pool.query(message, question))
 
 
-async def test_prepared_flight_is_used_rebuilt_when_old_and_returned_at_close(
+async def one_ticket(
     upstream: DoqTestUpstream, certs: Certs
-) -> None:
+) -> tuple[QuicConfiguration, UpstreamUrl, TicketFile]:
+    """A ticket store holding exactly one session ticket for ``upstream``."""
     configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file)
     url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
     tickets = TicketFile(None)
@@ -38,6 +40,13 @@ async def test_prepared_flight_is_used_rebuilt_when_old_and_returned_at_close(
         await asyncio.sleep(0.02)
     await first.aclose()
     assert tickets.count(first._key) == 1
+    return configuration, url, tickets
+
+
+async def test_prepared_flight_is_used_rebuilt_when_old_and_returned_at_close(
+    upstream: DoqTestUpstream, certs: Certs
+) -> None:
+    configuration, url, tickets = await one_ticket(upstream, certs)
 
     pool = DoqUpstream(url, configuration, PoolSettings(), tickets=tickets)
     await pool.prepare()
@@ -75,16 +84,7 @@ async def test_nothing_prepared_without_a_ticket_or_with_0rtt_off(
 async def test_query_during_preparation_waits_for_the_prepared_flight(
     upstream: DoqTestUpstream, certs: Certs
 ) -> None:
-    configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file)
-    url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
-    tickets = TicketFile(None)
-    first = DoqUpstream(url, configuration, PoolSettings(), tickets=tickets)
-    assert (await ask(first, "a.test.")).answer
-    for _ in range(100):
-        if tickets.count(first._key):
-            break
-        await asyncio.sleep(0.02)
-    await first.aclose()
+    configuration, url, tickets = await one_ticket(upstream, certs)
 
     pool = DoqUpstream(url, configuration, PoolSettings(), tickets=tickets)
     pool.start()  # the preparation runs in the background...

@@ -149,3 +149,13 @@ def test_fuzz_mutated_queries(noise: bytes, offset: int) -> None:
     base[offset : offset + len(noise)] = noise
     verdict = validate.classify(bytes(base))
     assert isinstance(verdict, (wire.Question, validate.Rejected))
+
+
+def test_scan_question_and_name_text() -> None:
+    data = make("Example.COM.", "AAAA")
+    found = wire.scan_question(data)
+    assert found == (12 + len(b"\x07Example\x03COM\x00"), 28)
+    assert wire.name_text(data[12 : found[0]]) == "Example.COM."
+    assert wire.name_text(b"\x00") == "."
+    assert wire.scan_question(data[:20]) is None
+    assert wire.scan_question(b"\x00" * 12 + b"\xc0\x0c\x00\x01\x00\x01") is None
