@@ -2,7 +2,7 @@
 
 One custom collector reads the counters that the resolver, cache and pool keep
 anyway (plain integers in their stats dataclasses) at scrape time, so metrics
-cost nothing per query beyond what :mod:`doqproxy.observe` adds for the
+cost nothing per query beyond what :mod:`doqproxy.ops.observers` adds for the
 per-(transport, qtype, rcode) counts and the latency histogram. The HTTP server
 is prometheus-client's own, on a daemon thread; the collector only reads ints
 and copies dicts, both atomic under the GIL.
@@ -24,12 +24,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .addresses import HostPort
-from .cache import AnswerCache
-from .doq_server import DoqServerStats
-from .observe import LatencyHistogram, Observations, qtype_label, rcode_label
-from .pool import DoqUpstream
-from .resolver import Resolver
+from doqproxy.cache.policy import AnswerCache
+from doqproxy.doq.server_rules import DoqServerStats
+from doqproxy.net.addresses import HostPort
+from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
+from doqproxy.resolver import Resolver
+from doqproxy.upstream.pool import DoqUpstream
 
 _DOQ_CODES = {
     0x0: "NO_ERROR",
