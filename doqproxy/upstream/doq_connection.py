@@ -83,10 +83,35 @@ class ConnectionInfo:
     close_by_peer: bool = False
 
 
+class _ConnectedTransport:
+    """A connected UDP transport that sends without an address.
+
+    aioquic passes its peer address to every ``sendto``. On a connected socket
+    uvloop accepts only ``None`` or the exact 4-tuple it connected to (an IPv6
+    peer is ``(host, port, flowinfo, scope_id)``), and asyncio only the address
+    it resolved, so the address is dropped here: the kernel knows the peer.
+    """
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+        self._transport = transport
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        self._transport.sendto(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Protocol(QuicConnectionProtocol):
     """Routes aioquic events to the owning :class:`DoqConnection`."""
 
     owner: DoqConnection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        connected = _ConnectedTransport(cast(asyncio.DatagramTransport, transport))
+        super().connection_made(cast(asyncio.BaseTransport, connected))
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         # Deliberately no super(): the default keeps a StreamReader per stream forever.
@@ -94,11 +119,12 @@ class _Protocol(QuicConnectionProtocol):
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         super().datagram_received(data, addr)
-        self.owner.last_heard = time.monotonic()
+        owner = self.owner
+        owner.last_heard = time.monotonic()
         # A peer's CONNECTION_CLOSE only surfaces after the draining period; look now.
         quic = self._quic
         if quic._state in _END_STATES and quic._close_event is not None:
-            self.owner._on_terminated(quic._close_event, draining=True)
+            owner._on_terminated(quic._close_event, draining=True)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port/host unreachable: fail fast instead of waiting for the timeout.
@@ -162,7 +188,10 @@ class DoqConnection:
         self._transport = transport
         self._protocol = protocol
         self._protocol.owner = self
-        self._protocol.connect(self.address, transmit=False)
+        # Datagrams arrive from the kernel's form of the address (a 4-tuple for
+        # IPv6); aioquic matches them against the address it connected to.
+        peer = transport.get_extra_info("peername") or self.address
+        self._protocol.connect(tuple(peer), transmit=False)
         self.info.opened_at = time.monotonic()
 
     @property
