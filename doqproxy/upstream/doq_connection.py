@@ -392,6 +392,8 @@ class DoqConnection:
         reader, future = entry
         try:
             message = reader.feed(event.data, event.end_stream)
+            if message is not None:
+                framing.check_doq_response(message)
         except framing.DoqProtocolError as exc:
             del self._pending[event.stream_id]
             future.set_exception(UpstreamError(f"bad DoQ answer: {exc}", Ede.INVALID_DATA))
