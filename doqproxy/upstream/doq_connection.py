@@ -153,8 +153,10 @@ class DoqConnection:
         self.last_used = self.info.opened_at
         self.dead = False
         self.dead_after = 1.0
-        """Seconds of silence after a query before the connection is presumed dead."""
+        """Least seconds without a single packet from the server, while one of ours
+        awaits its acknowledgement, before the connection is presumed dead."""
         self._watchdog: asyncio.TimerHandle | None = None
+        self._heard_mark = 0.0
         self.handshake_timeout = 5.0
         """Seconds from the first flight to a completed handshake before giving up
         (an upstream that drops our packets without an ICMP error)."""
@@ -280,12 +282,11 @@ class DoqConnection:
         stream_id = quic.get_next_available_stream_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = (framing.StreamReader(), future)
-        sent_at = time.monotonic()
         if not self.handshake_done.done():
             self.info.early_data_sent = True
         quic.send_stream_data(stream_id, framing.frame(message), end_stream=True)
         self.flush()
-        self._arm_watchdog(sent_at)
+        self._arm_watchdog()
         try:
             return await future
         finally:
@@ -293,29 +294,49 @@ class DoqConnection:
                 # Cancelled (timeout) before the answer: tell the server to stop.
                 self._cancel_stream(stream_id)
 
-    def _arm_watchdog(self, sent_at: float) -> None:
+    @property
+    def liveness_window(self) -> float:
+        """Seconds the server may stay completely silent while a packet of ours
+        awaits acknowledgement: ``dead_after``, or three PTOs on a slow path."""
+        return max(self.dead_after, 3 * self.quic._loss.get_probe_timeout())
+
+    def _arm_watchdog(self) -> None:
         """Notice a connection that died silently (a restarted server drops our
-        packets without a reset): if nothing at all is heard within
-        ``dead_after`` of sending a query, the connection is declared lost and
-        its queries fail with :class:`ConnectionLost`, which the pool retries."""
-        if self._watchdog is not None or not self.handshake_complete:
+        packets without a reset), without mistaking a slow answer for death.
+
+        Liveness is judged at the QUIC level: while queries are pending, some
+        ack-eliciting packet of ours is always outstanding (a query, or else a
+        PING sent for the purpose), and the server must acknowledge it. If not a
+        single packet arrives from the server for a whole
+        :attr:`liveness_window`, the connection is declared lost and its queries
+        fail with :class:`ConnectionLost`, which the pool retries. A server that
+        acknowledges is alive, however long its answers take.
+        """
+        if self._watchdog is not None or not self.handshake_complete or self.dead:
             return
-        delay = max(self.dead_after, 4 * self.quic._loss._rtt_smoothed)
+        self._ensure_outstanding()
+        self._heard_mark = self.last_heard
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.liveness_window, self._check_liveness)
 
-        def check() -> None:
-            self._watchdog = None
-            if self.dead or not self._pending:
-                return
-            if self.last_heard < sent_at:
-                self._fail(ConnectionLost(f"no reply from the server for {delay:.1f}s"))
-                if self._protocol is not None:
-                    self._protocol.close(
-                        error_code=framing.DoqError.NO_ERROR, reason_phrase="unresponsive"
-                    )
-            else:
-                self._arm_watchdog(time.monotonic())
+    def _ensure_outstanding(self) -> None:
+        """Send a PING unless an ack-eliciting packet already awaits its ACK."""
+        quic = self.quic
+        if not quic._spaces[Epoch.ONE_RTT].ack_eliciting_in_flight:
+            quic.send_ping(0)
+            assert self._protocol is not None
+            self._protocol.transmit()
 
-        self._watchdog = asyncio.get_running_loop().call_later(delay, check)
+    def _check_liveness(self) -> None:
+        self._watchdog = None
+        if self.dead or not self._pending or self._protocol is None:
+            return
+        if self.last_heard == self._heard_mark:
+            window = self.liveness_window
+            self._fail(ConnectionLost(f"no acknowledgement from the server for {window:.1f}s"))
+            self._protocol.close(error_code=framing.DoqError.NO_ERROR, reason_phrase="unresponsive")
+            return
+        self._arm_watchdog()
 
     def restart_idle_timer(self) -> None:
         """Count the idle timeout from now: a prepared connection may have waited."""
@@ -422,6 +443,8 @@ class DoqConnection:
             self._handshake_timer = None
         if not self.handshake_done.done():
             self.handshake_done.set_result(None)
+        if self._pending:  # early-data queries, sent before the watchdog could run
+            self._arm_watchdog()
         log.debug(
             "connected to %s: resumed=%s early_data=%s accepted=%s",
             self.address,

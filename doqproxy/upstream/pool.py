@@ -74,7 +74,8 @@ class PoolSettings:
     zero_rtt: bool = True
     pad_block: int | None = 128
     dead_after: float = 1.0
-    """Seconds of total silence after a query before a connection is presumed dead."""
+    """Least seconds of total silence from the server, while a packet of ours awaits
+    its acknowledgement, before a connection is presumed dead (slow answers are not)."""
     max_age: float | None = None
     """Seconds after which a connection takes no new queries and is closed once idle."""
     handshake_timeout: float = 5.0
