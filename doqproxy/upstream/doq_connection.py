@@ -9,6 +9,7 @@ handshake completes go out as 0-RTT early data when a session ticket allows it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import socket
@@ -35,6 +36,13 @@ _END_STATES = (
     QuicConnectionState.DRAINING,
     QuicConnectionState.TERMINATED,
 )
+
+
+UNKNOWN_STREAM_CREDIT = 10
+"""Streams assumed allowed on a connection whose peer limit is not known yet (no
+ticket carried it and the handshake is not done): a small guess, so that a
+burst on a cold pool spreads over connections instead of queueing behind a
+limit that may be lower than ours."""
 
 
 class ConnectionLost(UpstreamError):
@@ -125,6 +133,8 @@ class _Protocol(QuicConnectionProtocol):
         quic = self._quic
         if quic._state in _END_STATES and quic._close_event is not None:
             owner._on_terminated(quic._close_event, draining=True)
+        elif quic._remote_max_streams_bidi != owner._known_max_streams:
+            owner._on_credit()
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port/host unreachable: fail fast instead of waiting for the timeout.
@@ -143,9 +153,11 @@ class DoqConnection:
         ticket_handler: Callable[[SessionTicket], None] | None = None,
         token_handler: Callable[[bytes], None] | None = None,
         on_dead: Callable[[DoqConnection], None] | None = None,
+        on_credit: Callable[[DoqConnection], None] | None = None,
     ) -> None:
         self.address = address
         self._on_dead = on_dead
+        self._on_credit_change = on_credit
         self.configuration = configuration
         self.info = ConnectionInfo(opened_at=time.monotonic())
         self.last_heard = self.info.opened_at
@@ -157,6 +169,8 @@ class DoqConnection:
         awaits its acknowledgement, before the connection is presumed dead."""
         self._watchdog: asyncio.TimerHandle | None = None
         self._heard_mark = 0.0
+        self._known_max_streams = 0
+        self._credit_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.handshake_timeout = 5.0
         """Seconds from the first flight to a completed handshake before giving up
         (an upstream that drops our packets without an ICMP error)."""
@@ -194,6 +208,7 @@ class DoqConnection:
         # IPv6); aioquic matches them against the address it connected to.
         peer = transport.get_extra_info("peername") or self.address
         self._protocol.connect(tuple(peer), transmit=False)
+        self._known_max_streams = quic._remote_max_streams_bidi
         self.info.opened_at = time.monotonic()
 
     @property
@@ -239,17 +254,25 @@ class DoqConnection:
 
     @property
     def stream_credit(self) -> int:
-        """Streams the peer still lets us open (its MAX_STREAMS minus those opened).
+        """Queries this connection can still take without exceeding the peer's limit:
+        its MAX_STREAMS, minus the streams opened, minus the queries admitted that
+        have no stream yet (waiting for the handshake or for credit).
 
         Before the handshake the peer's limit is unknown unless a ticket carried
-        it; then the connection is assumed to take a full share.
+        it; then :data:`UNKNOWN_STREAM_CREDIT` is assumed.
         """
         if self._protocol is None:
             return 0
         quic = self._protocol._quic
-        if not self.handshake_done.done() and not quic._remote_max_streams_bidi:
-            return 1 << 30
-        return quic._remote_max_streams_bidi - quic._local_next_stream_id_bidi // 4
+        limit = quic._remote_max_streams_bidi
+        if not limit and not self.handshake_done.done():
+            limit = UNKNOWN_STREAM_CREDIT
+        waiting = self.in_flight - len(self._pending)
+        return limit - quic._local_next_stream_id_bidi // 4 - max(0, waiting)
+
+    def _has_stream_credit(self) -> bool:
+        quic = self.quic
+        return quic._local_next_stream_id_bidi // 4 < quic._remote_max_streams_bidi
 
     @property
     def idle_timeout(self) -> float:
@@ -276,6 +299,18 @@ class DoqConnection:
             self.last_used = time.monotonic()
 
     async def _exchange(self, message: bytes) -> bytes:
+        while not self.dead and self._protocol is not None and not self._has_stream_credit():
+            # Opening a stream beyond the peer's MAX_STREAMS would queue it inside
+            # aioquic, and cancelling it later would send frames for a stream the
+            # peer never allowed (it closes with STREAM_LIMIT_ERROR). Wait here: a
+            # query cancelled meanwhile leaves without a trace.
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._credit_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    self._credit_waiters.remove(waiter)
         if self.dead or self._protocol is None:
             raise ConnectionLost("connection is closed")
         quic = self._protocol._quic
@@ -293,6 +328,20 @@ class DoqConnection:
             if self._pending.pop(stream_id, None) is not None and not self.dead:
                 # Cancelled (timeout) before the answer: tell the server to stop.
                 self._cancel_stream(stream_id)
+
+    def _on_credit(self) -> None:
+        """The peer's stream limit changed: let waiting queries open their streams."""
+        quic = self.quic
+        self._known_max_streams = quic._remote_max_streams_bidi
+        free = quic._remote_max_streams_bidi - quic._local_next_stream_id_bidi // 4
+        waiters = self._credit_waiters
+        while waiters and free > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+        if self._on_credit_change is not None:
+            self._on_credit_change(self)
 
     @property
     def liveness_window(self) -> float:
@@ -381,6 +430,8 @@ class DoqConnection:
     def _cancel_stream(self, stream_id: int) -> None:
         assert self._protocol is not None
         quic = self._protocol._quic
+        if stream_id // 4 >= quic._remote_max_streams_bidi:
+            return  # never allowed by the peer, so never sent: nothing to cancel
         try:
             quic.reset_stream(stream_id, framing.DoqError.REQUEST_CANCELLED)
             quic.stop_stream(stream_id, framing.DoqError.REQUEST_CANCELLED)
@@ -477,6 +528,10 @@ class DoqConnection:
         for _, future in pending.values():
             if not future.done():
                 future.set_exception(exc)
+        waiters, self._credit_waiters = self._credit_waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # the query then sees ``dead``
         if self._on_dead is not None:
             self._on_dead(self)
 
