@@ -54,6 +54,13 @@ from doqproxy.settings import ForwardSettings
 )
 @click.option("--no-padding", is_flag=True, help="Do not pad queries (RFC 8467).")
 @click.option(
+    "--max-udp-size",
+    type=click.IntRange(512, 65535),
+    default=1232,
+    show_default=True,
+    help="Largest UDP reply; larger answers get TC=1 so the client retries over TCP.",
+)
+@click.option(
     "--tcp-idle-timeout",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -106,6 +113,7 @@ def forward(
     tls_server_name: str | None,
     timeout: float,
     no_padding: bool,
+    max_udp_size: int,
     tcp_idle_timeout: float,
     tcp_message_timeout: float,
     tcp_max_connections: int,
@@ -143,6 +151,7 @@ def forward(
         tls_server_name=tls_server_name,
         timeout=timeout,
         padding=not no_padding,
+        max_udp_size=max_udp_size,
         tcp=TcpLimits(
             idle_timeout=tcp_idle_timeout,
             message_timeout=tcp_message_timeout,
