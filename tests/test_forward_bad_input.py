@@ -33,6 +33,16 @@ def query(
 OPT_V0 = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 OPT_V1 = b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00"
 A_RECORD = b"\x01a\x04test\x00\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xc0\x00\x02\x01"
+_TSIG_RDATA = (
+    b"\x0bhmac-sha256\x00"
+    + b"\x00\x00\x65\x00\x00\x00"
+    + b"\x01\x2c\x00\x00\x12\x34\x00\x00\x00\x00"
+)
+TSIG_RECORD = (
+    b"\x03key\x00\x00\xfa\x00\xff\x00\x00\x00\x00"
+    + len(_TSIG_RDATA).to_bytes(2, "big")
+    + _TSIG_RDATA
+)
 
 # (case, query, expected rcode or None for "dropped")
 CASES: list[tuple[str, bytes, int | None]] = [
@@ -59,6 +69,16 @@ CASES: list[tuple[str, bytes, int | None]] = [
         query(counts=(1, 0, 1, 0), body=QUESTION_A[:-4] + b"\x00\xfb\x00\x01" + A_RECORD),
         dns.rcode.REFUSED,
     ),
+    # Queries carrying records must never reach the upstream byte for byte.
+    ("answer-record", query(counts=(1, 1, 0, 0), body=QUESTION_A + A_RECORD), dns.rcode.FORMERR),
+    ("authority-record", query(counts=(1, 0, 1, 0), body=QUESTION_A + A_RECORD), dns.rcode.FORMERR),
+    ("lone-tsig", query(counts=(1, 0, 0, 1), body=QUESTION_A + TSIG_RECORD), dns.rcode.FORMERR),
+    (
+        "opt-and-tsig",
+        query(counts=(1, 0, 0, 2), body=QUESTION_A + OPT_V0 + TSIG_RECORD),
+        dns.rcode.FORMERR,
+    ),
+    ("extra-a-record", query(counts=(1, 0, 0, 1), body=QUESTION_A + A_RECORD), dns.rcode.FORMERR),
 ]
 
 
