@@ -17,6 +17,7 @@ import pytest
 
 from .conftest import ProxyProcess, doqproxy_command, free_port
 from .doq_fixture import DoqTestUpstream
+from .nobody import NOBODY, NobodyPython
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -228,11 +229,17 @@ async def test_per_ip_connection_limit(upstream: DoqTestUpstream, start_proxy: S
         w.close()
 
 
-def run_cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    command = doqproxy_command(*args)
-    if user is not None:
-        command = ["setpriv", f"--reuid={user}", "--regid=65534", "--clear-groups", *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+def run_cli(*args: str, nobody: NobodyPython | None = None) -> subprocess.CompletedProcess[str]:
+    if nobody is None:
+        return subprocess.run(doqproxy_command(*args), capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [*NOBODY, *nobody.command(*args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=nobody.environ(),
+        cwd="/",
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -279,11 +286,13 @@ def test_cli_address_in_use() -> None:
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch to nobody"
 )
-def test_cli_permission_denied_below_1024() -> None:
+def test_cli_permission_denied_below_1024(nobody_python: NobodyPython) -> None:
     with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as handle:
         if int(handle.read()) <= 53:
             pytest.skip("unprivileged users may bind port 53 on this kernel")
-    result = run_cli("forward", "-l", "127.0.0.1:53", "-u", "quic://127.0.0.1", user="nobody")
+    result = run_cli(
+        "forward", "-l", "127.0.0.1:53", "-u", "quic://127.0.0.1", nobody=nobody_python
+    )
     assert_one_line_error(result, "permission denied", "CAP_NET_BIND_SERVICE", "socket activation")
 
 

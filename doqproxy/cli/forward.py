@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any
 
@@ -17,7 +18,7 @@ from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
 from doqproxy.net.sockets import ListenError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
-from doqproxy.ops.privileges import PrivilegeError, drop_privileges
+from doqproxy.ops.privileges import PrivilegeError, drop_privileges, prepare_state_dir
 from doqproxy.settings import ForwardSettings
 
 
@@ -176,6 +177,12 @@ def forward(
         if metrics_address is not None:
             importlib.import_module("doqproxy.ops.metrics")  # before root's files are out of reach
         try:
+            if settings.state_dir is not None and os.geteuid() == 0:
+                problem = prepare_state_dir(
+                    settings.state_dir, user, default=options.get("state_dir") is None
+                )
+                if problem is not None:
+                    logging.getLogger("doqproxy").warning("%s", problem)
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None
