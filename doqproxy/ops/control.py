@@ -136,6 +136,10 @@ class Operations:
                 f"{pool.handshakes} handshakes ({pool.sessions_resumed} resumed, "
                 f"0-RTT {pool.early_data_accepted}/{pool.early_data_sent})"
             )
+            datagrams = getattr(upstream, "datagrams", None)
+            if datagrams is not None:
+                sent, received = datagrams()
+                parts.append(f"datagrams out {sent}, in {received}")
         return "; ".join(parts) or "starting"
 
     async def _heartbeat(self) -> None:

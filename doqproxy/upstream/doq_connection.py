@@ -38,6 +38,12 @@ _END_STATES = (
 )
 
 
+ACK_DELAY = 0.005
+"""Seconds an ACK for 1-RTT packets may wait for a query to ride on, once the
+handshake is done (aioquic's own is 1 ms; we advertise max_ack_delay 25 ms). Any
+packet we send in the meantime carries it, so a busy connection sends few
+ACK-only datagrams."""
+
 UNKNOWN_STREAM_CREDIT = 10
 """Streams assumed allowed on a connection whose peer limit is not known yet (no
 ticket carried it and the handshake is not done): a small guess, so that a
@@ -59,10 +65,30 @@ class _ClientQuicConnection(QuicConnection):
     declaring those packets lost at once, which requeues their stream data.
     """
 
+    _ack_with_data = False
+
     def _connect(self, now: float) -> None:
         if self._retry_count:
             self.requeue_early_data(now)
         super()._connect(now)
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        self._ack_with_data = True
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        if self._ack_with_data:
+            # A query is going out anyway: let a pending ACK ride along now rather
+            # than in an ACK-only datagram when its delay runs out.
+            self._ack_with_data = False
+            space = self._spaces[Epoch.ONE_RTT]
+            if space.ack_at is not None and space.ack_at > now:
+                space.ack_at = now
+        return super().datagrams_to_send(now)
+
+    def delay_acks(self, delay: float) -> None:
+        """Let 1-RTT ACKs wait up to ``delay`` seconds for a packet to ride on."""
+        self._ack_delay = delay
 
     def requeue_early_data(self, now: float) -> None:
         space = self._spaces[Epoch.ONE_RTT]
@@ -100,12 +126,15 @@ class _ConnectedTransport:
     it resolved, so the address is dropped here: the kernel knows the peer.
     """
 
-    __slots__ = ("_transport",)
+    __slots__ = ("_transport", "sent")
 
     def __init__(self, transport: asyncio.DatagramTransport) -> None:
         self._transport = transport
+        self.sent = 0
+        """Datagrams sent (for the datagrams-per-query figures)."""
 
     def sendto(self, data: bytes, addr: object = None) -> None:
+        self.sent += 1
         self._transport.sendto(data)
 
     def __getattr__(self, name: str) -> Any:
@@ -116,17 +145,28 @@ class _Protocol(QuicConnectionProtocol):
     """Routes aioquic events to the owning :class:`DoqConnection`."""
 
     owner: DoqConnection
+    connected: _ConnectedTransport | None = None
+    received = 0
+    """Datagrams received (for the datagrams-per-query figures)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        connected = _ConnectedTransport(cast(asyncio.DatagramTransport, transport))
-        super().connection_made(cast(asyncio.BaseTransport, connected))
+        self.connected = _ConnectedTransport(cast(asyncio.DatagramTransport, transport))
+        super().connection_made(cast(asyncio.BaseTransport, self.connected))
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         # Deliberately no super(): the default keeps a StreamReader per stream forever.
         self.owner._on_event(event)
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
-        super().datagram_received(data, addr)
+        self.received += 1
+        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        self._process_events()
+        if self._quic._handshake_confirmed:
+            # One transmit per event-loop turn: the ACKs for every datagram read in
+            # this turn, and the queries written meanwhile, share packets.
+            self._transmit_soon()
+        else:
+            self.transmit()  # the handshake's next flight leaves at once
         owner = self.owner
         owner.last_heard = time.monotonic()
         # A peer's CONNECTION_CLOSE only surfaces after the draining period; look now.
@@ -215,6 +255,14 @@ class DoqConnection:
     def quic(self) -> QuicConnection:
         assert self._protocol is not None
         return self._protocol._quic
+
+    @property
+    def datagrams(self) -> tuple[int, int]:
+        """Datagrams sent and received on this connection so far."""
+        protocol = self._protocol
+        if protocol is None or protocol.connected is None:
+            return 0, 0
+        return protocol.connected.sent, protocol.received
 
     @property
     def usable(self) -> bool:
@@ -321,7 +369,7 @@ class DoqConnection:
             self.info.early_data_sent = True
         quic.send_stream_data(stream_id, framing.frame(message), end_stream=True)
         self.flush()
-        self._arm_watchdog()
+        self._arm_watchdog(sending=True)
         try:
             return await future
         finally:
@@ -349,7 +397,7 @@ class DoqConnection:
         awaits acknowledgement: ``dead_after``, or three PTOs on a slow path."""
         return max(self.dead_after, 3 * self.quic._loss.get_probe_timeout())
 
-    def _arm_watchdog(self) -> None:
+    def _arm_watchdog(self, *, sending: bool = False) -> None:
         """Notice a connection that died silently (a restarted server drops our
         packets without a reset), without mistaking a slow answer for death.
 
@@ -363,7 +411,8 @@ class DoqConnection:
         """
         if self._watchdog is not None or not self.handshake_complete or self.dead:
             return
-        self._ensure_outstanding()
+        if not sending:  # else the query about to leave is the packet to acknowledge
+            self._ensure_outstanding()
         self._heard_mark = self.last_heard
         loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(self.liveness_window, self._check_liveness)
@@ -374,7 +423,7 @@ class DoqConnection:
         if not quic._spaces[Epoch.ONE_RTT].ack_eliciting_in_flight:
             quic.send_ping(0)
             assert self._protocol is not None
-            self._protocol.transmit()
+            self._protocol._transmit_soon()
 
     def _check_liveness(self) -> None:
         self._watchdog = None
@@ -400,9 +449,10 @@ class DoqConnection:
             self._transport.close()
 
     def flush(self) -> None:
-        """Send whatever is pending, the first flight included."""
+        """Send whatever is pending, the first flight included, at the end of this
+        event-loop turn (so that queries written in the same turn share packets)."""
         if self._protocol is not None:
-            self._protocol.transmit()
+            self._protocol._transmit_soon()
             self._arm_handshake_timer()
 
     def _arm_handshake_timer(self) -> None:
@@ -425,7 +475,7 @@ class DoqConnection:
         """Send a PING (for the opt-in keepalive)."""
         if self._protocol is not None and not self.dead:
             self._protocol._quic.send_ping(0)
-            self._protocol.transmit()
+            self._protocol._transmit_soon()
 
     def _cancel_stream(self, stream_id: int) -> None:
         assert self._protocol is not None
@@ -437,7 +487,7 @@ class DoqConnection:
             quic.stop_stream(stream_id, framing.DoqError.REQUEST_CANCELLED)
         except Exception:
             pass
-        self._protocol.transmit()
+        self._protocol._transmit_soon()
 
     # --- events ------------------------------------------------------------
 
@@ -492,6 +542,7 @@ class DoqConnection:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+        cast(_ClientQuicConnection, self.quic).delay_acks(ACK_DELAY)
         if not self.handshake_done.done():
             self.handshake_done.set_result(None)
         if self._pending:  # early-data queries, sent before the watchdog could run

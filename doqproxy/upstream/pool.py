@@ -58,6 +58,9 @@ class PoolStats:
     queue_full: int = 0
     idle_closed: int = 0
     closes_by_code: dict[int, int] = field(default_factory=dict)
+    datagrams_sent: int = 0
+    """Datagrams sent on connections that are closed now (see DoqUpstream.datagrams)."""
+    datagrams_received: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -151,6 +154,14 @@ class DoqUpstream:
     @property
     def connections(self) -> list[DoqConnection]:
         return list(self._connections)
+
+    def datagrams(self) -> tuple[int, int]:
+        """QUIC datagrams sent to and received from the server so far."""
+        sent, received = self.stats.datagrams_sent, self.stats.datagrams_received
+        for conn in self._connections:
+            out, back = conn.datagrams
+            sent, received = sent + out, received + back
+        return sent, received
 
     @property
     def in_flight(self) -> int:
@@ -355,6 +366,9 @@ class DoqUpstream:
         """Called by a connection when it dies: drop it and release its socket."""
         if conn in self._connections:
             self._connections.remove(conn)
+        out, back = conn.datagrams
+        self.stats.datagrams_sent += out
+        self.stats.datagrams_received += back
         code = conn.info.close_code
         if code is not None:
             self.stats.closes_by_code[code] = self.stats.closes_by_code.get(code, 0) + 1
