@@ -21,15 +21,14 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-
-from aioquic.quic.configuration import QuicConfiguration
+from typing import Any
 
 from doqproxy.dns import wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
 from doqproxy.doq import framing
 from doqproxy.net.addresses import UpstreamUrl
-from doqproxy.upstream import pool_policy
+from doqproxy.upstream import engine, pool_policy
 from doqproxy.upstream.base import UpstreamError
 from doqproxy.upstream.doq_connection import ConnectionLost, DoqConnection
 from doqproxy.upstream.tickets import TicketFile, upstream_key
@@ -91,7 +90,7 @@ class DoqUpstream:
     def __init__(
         self,
         url: UpstreamUrl,
-        configuration: QuicConfiguration,
+        configuration: Any,
         settings: PoolSettings = PoolSettings(),
         *,
         tickets: TicketFile | None = None,
@@ -148,7 +147,8 @@ class DoqUpstream:
         self.tickets.save()
 
     @property
-    def configuration(self) -> QuicConfiguration:
+    def configuration(self) -> Any:
+        """The QUIC engine's client configuration, with our idle timeout."""
         return self._configuration
 
     @property
@@ -269,6 +269,7 @@ class DoqUpstream:
     def start(self) -> None:
         """Prepare a first flight now (in the background: a host-name upstream may need
         a lookup) and start the once-a-second upkeep."""
+        log.info("%s: QUIC engine %s", self.name, engine.describe())
         task = asyncio.ensure_future(self.prepare())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
