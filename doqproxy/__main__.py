@@ -1,3 +1,3 @@
-from .cli import main
+from doqproxy.cli import main
 
 main()

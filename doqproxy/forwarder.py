@@ -8,44 +8,26 @@ import gc
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from . import runtime
-from .addresses import HostPort, UpstreamUrl
-from .cache import CacheSettings, make_cache
-from .doq_client import client_configuration, warm_up
-from .inflight import InFlight
-from .listen_tcp import TcpFrontEnd, TcpLimits
-from .listen_udp import UdpFrontEnd
-from .operations import Operations, OpsSettings
-from .pool import DoqUpstream, PoolSettings
-from .reload import Reloader
-from .resolver import Resolver
-from .sockets import bind
-from .systemd import Activated
-from .ticket_file import TicketFile
+from doqproxy.cache.policy import make_cache
+from doqproxy.frontend.inflight import InFlight
+from doqproxy.frontend.tcp import TcpFrontEnd
+from doqproxy.frontend.udp import UdpFrontEnd
+from doqproxy.net.sockets import bind
+from doqproxy.ops import process
+from doqproxy.ops.control import Operations
+from doqproxy.ops.reload import Reloader
+from doqproxy.ops.systemd import Activated
+from doqproxy.resolver import Resolver
+from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.doq_connection import client_configuration, warm_up
+from doqproxy.upstream.pool import DoqUpstream
+from doqproxy.upstream.tickets import TicketFile
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 2.0
 """Seconds in-flight queries get to finish after SIGINT/SIGTERM."""
-
-
-@dataclass(slots=True, frozen=True)
-class ForwardSettings:
-    listen: tuple[HostPort, ...]
-    upstream: UpstreamUrl
-    tls_ca_file: str | None = None
-    tls_server_name: str | None = None
-    timeout: float = 5.0
-    padding: bool = True
-    tcp: TcpLimits = field(default_factory=TcpLimits)
-    pool: PoolSettings = field(default_factory=PoolSettings)
-    state_dir: Path | None = None
-    """Where session tickets persist; ``None`` keeps them in memory only."""
-    ops: OpsSettings = field(default_factory=OpsSettings)
-    cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 def bind_all(settings: ForwardSettings) -> list[tuple[socket.socket, socket.socket]]:
@@ -89,7 +71,7 @@ async def serve(
     re-reads the configuration on SIGHUP.
     """
     loop = asyncio.get_running_loop()
-    stop = runtime.stop_event()
+    stop = process.stop_event()
     ops = Operations(settings.ops)
     upstream = make_upstream(settings)
     warm_up(upstream.configuration)

@@ -1,8 +1,8 @@
 """The one request pipeline that every front end (UDP, TCP, DoQ) hands queries to.
 
 validate → cache → coalesce → upstream → cache → reply. Each step is a pure
-function from :mod:`doqproxy.validate`, :mod:`doqproxy.cache` or
-:mod:`doqproxy.rewrite`; this module only sequences them, applies the deadline
+function from :mod:`doqproxy.dns.validate`, :mod:`doqproxy.cache.policy` or
+:mod:`doqproxy.dns.rewrite`; this module only sequences them, applies the deadline
 and turns failures into SERVFAIL with an Extended DNS Error saying why, or into
 a stale answer when serve-stale (RFC 8767) allows one.
 
@@ -17,11 +17,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import rewrite, validate, wire
-from .cache import AnswerCache
-from .coalesce import Coalescer
-from .upstream import Ede, Upstream, UpstreamError
-from .wire import Question
+from doqproxy.cache.policy import AnswerCache
+from doqproxy.coalesce import Coalescer
+from doqproxy.dns import rewrite, validate, wire
+from doqproxy.dns.ede import Ede
+from doqproxy.dns.wire import Question
+from doqproxy.upstream.base import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ Outcome = Answer | Failure
 
 
 class Resolver:
-    """Answers raw DNS queries through one :class:`~doqproxy.upstream.Upstream`.
+    """Answers raw DNS queries through one :class:`~doqproxy.upstream.base.Upstream`.
 
-    With an :class:`~doqproxy.cache.AnswerCache` it also caches answers, serves
+    With an :class:`~doqproxy.cache.policy.AnswerCache` it also caches answers, serves
     them stale when the upstream fails, refreshes popular entries before they
     expire, and sends identical concurrent misses upstream once.
     """

@@ -14,9 +14,9 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from doqproxy import rewrite, wire
-from doqproxy.upstream import UpstreamError
-from doqproxy.wire import Question
+from doqproxy.dns import rewrite, wire
+from doqproxy.dns.wire import Question
+from doqproxy.upstream.base import UpstreamError
 
 SOA_TEXT = "ns.example. hostmaster.example. 1 7200 900 1209600 300"
 

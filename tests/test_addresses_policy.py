@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from doqproxy import pool_policy
-from doqproxy.addresses import AddressError, HostPort, UpstreamUrl, parse_listen, parse_upstream
+from doqproxy.net.addresses import AddressError, HostPort, UpstreamUrl, parse_listen, parse_upstream
+from doqproxy.upstream import pool_policy
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from doqproxy import wire
-from doqproxy.cache import AnswerCache, CacheSettings, make_cache
+from doqproxy.cache.policy import AnswerCache, CacheSettings, make_cache
+from doqproxy.dns import wire
 from doqproxy.resolver import Resolver
-from doqproxy.upstream import UpstreamError
+from doqproxy.upstream.base import UpstreamError
 
 from .cache_fakes import (
     FakeClock,

@@ -8,9 +8,10 @@ import random
 import dns.message
 import dns.rcode
 
-from doqproxy.cache import AnswerCache, CacheSettings
+from doqproxy.cache.policy import AnswerCache, CacheSettings
+from doqproxy.dns.ede import Ede
 from doqproxy.resolver import Resolver
-from doqproxy.upstream import Ede, UpstreamError
+from doqproxy.upstream.base import UpstreamError
 
 from .cache_fakes import FakeClock, FakeUpstream, answer_a, ede_codes, make_query, ttls
 

@@ -7,7 +7,7 @@ from typing import Any
 import click
 from click.testing import CliRunner
 
-from doqproxy.cache import CacheSettings
+from doqproxy.cache.policy import CacheSettings
 from doqproxy.cli.cache_options import cache_options, cache_settings
 
 seen: list[CacheSettings] = []

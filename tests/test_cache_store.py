@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from doqproxy import rewrite, wire
-from doqproxy.cache import AnswerCache, CacheSettings
-from doqproxy.cache_entry import ENTRY_OVERHEAD
+from doqproxy.cache.entry import ENTRY_OVERHEAD
+from doqproxy.cache.policy import AnswerCache, CacheSettings
+from doqproxy.dns import rewrite, wire
 
 from .cache_fakes import (
     FakeClock,

@@ -1,11 +1,11 @@
-"""Unit tests for doqproxy.cache_store.EntryStore (no sockets)."""
+"""Unit tests for doqproxy.cache.store.EntryStore (no sockets)."""
 
 from __future__ import annotations
 
 import pytest
 
-from doqproxy.cache_entry import CacheEntry
-from doqproxy.cache_store import EntryStore, TooLarge
+from doqproxy.cache.entry import CacheEntry
+from doqproxy.cache.store import EntryStore, TooLarge
 
 
 def entry(ttl: int = 60, stored_at: float = 0.0, size: int = 0) -> CacheEntry:

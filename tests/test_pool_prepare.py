@@ -8,11 +8,11 @@ import dns.message
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 
-from doqproxy import rewrite, wire
-from doqproxy.addresses import UpstreamUrl
-from doqproxy.doq_client import client_configuration
-from doqproxy.pool import DoqUpstream, PoolSettings
-from doqproxy.ticket_file import TicketFile
+from doqproxy.dns import rewrite, wire
+from doqproxy.net.addresses import UpstreamUrl
+from doqproxy.upstream.doq_connection import client_configuration
+from doqproxy.upstream.pool import DoqUpstream, PoolSettings
+from doqproxy.upstream.tickets import TicketFile
 
 from .conftest import SERVER_NAME, Certs
 from .doq_fixture import DoqTestUpstream
@@ -104,8 +104,8 @@ async def test_socket_errors_become_upstream_errors_and_back_off(
 ) -> None:
     import errno
 
-    from doqproxy.doq_client import DoqConnection
-    from doqproxy.upstream import UpstreamError
+    from doqproxy.upstream.base import UpstreamError
+    from doqproxy.upstream.doq_connection import DoqConnection
 
     async def unreachable(self: DoqConnection) -> None:
         raise OSError(errno.ENETUNREACH, "Network is unreachable")

@@ -1,4 +1,4 @@
-"""Unit tests for doqproxy.rewrite and doqproxy.doq (no sockets)."""
+"""Unit tests for doqproxy.dns.rewrite and doqproxy.doq.framing (no sockets)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from doqproxy import doq, rewrite, wire
+from doqproxy.dns import rewrite, wire
+from doqproxy.doq import framing
 
 
 def query(name: str = "a.test.", rdtype: str = "A", **kw: object) -> tuple[bytes, wire.Question]:
@@ -124,9 +125,9 @@ def test_pad_response_to_468() -> None:
 
 def test_stream_reader_reassembles_any_split() -> None:
     message = b"\x00\x00" + b"z" * 100
-    framed = doq.frame(message)
+    framed = framing.frame(message)
     for cut in range(1, len(framed)):
-        reader = doq.StreamReader()
+        reader = framing.StreamReader()
         assert reader.feed(framed[:cut], False) is None
         assert reader.feed(framed[cut:], True) == message
 
@@ -142,28 +143,28 @@ def test_stream_reader_reassembles_any_split() -> None:
     ],
 )
 def test_stream_reader_protocol_errors(chunks: list[tuple[bytes, bool]], error: str) -> None:
-    reader = doq.StreamReader()
-    with pytest.raises(doq.DoqProtocolError, match=error):
+    reader = framing.StreamReader()
+    with pytest.raises(framing.DoqProtocolError, match=error):
         for data, end in chunks:
             reader.feed(data, end)
 
 
 def test_check_doq_query() -> None:
     data, q = query()
-    with pytest.raises(doq.DoqProtocolError, match="ID"):
-        doq.check_doq_query(q)
+    with pytest.raises(framing.DoqProtocolError, match="ID"):
+        framing.check_doq_query(q)
     zero = wire.parse_question(b"\x00\x00" + data[2:])
-    doq.check_doq_query(zero)
+    framing.check_doq_query(zero)
     ka, _ = query(use_edns=0, options=[dns.edns.GenericOption(11, b"")])
-    with pytest.raises(doq.DoqProtocolError, match="keepalive"):
-        doq.check_doq_query(wire.parse_question(b"\x00\x00" + ka[2:]))
+    with pytest.raises(framing.DoqProtocolError, match="keepalive"):
+        framing.check_doq_query(wire.parse_question(b"\x00\x00" + ka[2:]))
 
 
 def test_frame_limits() -> None:
     with pytest.raises(ValueError):
-        doq.frame(b"")
+        framing.frame(b"")
     with pytest.raises(ValueError):
-        doq.frame(b"x" * 65536)
+        framing.frame(b"x" * 65536)
 
 
 def test_client_reply_leaves_an_opt_that_is_not_last_alone() -> None:

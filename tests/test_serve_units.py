@@ -18,10 +18,11 @@ from aioquic.tls import CipherSuite, SessionTicket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from doqproxy import doq, doq_server, wire
+from doqproxy.dns import wire
+from doqproxy.doq import framing, server_rules
+from doqproxy.frontend.ticket_store import TicketStore
 from doqproxy.resolver import Resolver
-from doqproxy.ticket_store import TicketStore
-from doqproxy.zone_backend import ZoneBackend, ZoneError
+from doqproxy.upstream.zone import ZoneBackend, ZoneError
 
 from .serve_helpers import ZONE_TEXT, query
 
@@ -113,28 +114,28 @@ def test_zone_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_admit_rules() -> None:
     ok = query("www.example.test").to_wire()
-    assert doq_server.admit(ok, early=False) is None
-    assert doq_server.admit(ok, early=True) is None
+    assert server_rules.admit(ok, early=False) is None
+    assert server_rules.admit(ok, early=True) is None
 
-    with pytest.raises(doq.DoqProtocolError, match="ID 7"):
-        doq_server.admit(wire.set_id(ok, 7), early=False)
+    with pytest.raises(framing.DoqProtocolError, match="ID 7"):
+        server_rules.admit(wire.set_id(ok, 7), early=False)
     keepalive = query(
         "www.example.test",
         use_edns=0,
         options=[dns.edns.GenericOption(dns.edns.OptionType.KEEPALIVE, b"")],
     )
-    with pytest.raises(doq.DoqProtocolError, match="keepalive"):
-        doq_server.admit(keepalive.to_wire(), early=False)
+    with pytest.raises(framing.DoqProtocolError, match="keepalive"):
+        server_rules.admit(keepalive.to_wire(), early=False)
 
     notify = query("example.test", "SOA")
     notify.set_opcode(dns.opcode.NOTIFY)
-    assert doq_server.admit(notify.to_wire(), early=True) is None
+    assert server_rules.admit(notify.to_wire(), early=True) is None
 
     update = dns.update.UpdateMessage("example.test.")
     update.use_edns(0)
     update.id = 0
-    assert doq_server.admit(update.to_wire(), early=False) is None
-    refused = doq_server.admit(update.to_wire(), early=True)
+    assert server_rules.admit(update.to_wire(), early=False) is None
+    refused = server_rules.admit(update.to_wire(), early=True)
     assert refused is not None
     reply = dns.message.from_wire(refused)
     assert reply.id == 0
@@ -143,21 +144,21 @@ def test_admit_rules() -> None:
     assert [error.code for error in reply.extended_errors()] == [26]
 
     # Malformed DNS is for the resolver (FORMERR), not a DoQ protocol error.
-    assert doq_server.admit(b"\x00\x00\x01", early=False) is None
+    assert server_rules.admit(b"\x00\x00\x01", early=False) is None
 
 
 @given(st.binary(max_size=64), st.booleans())
 def test_admit_only_ever_raises_protocol_errors(data: bytes, early: bool) -> None:
     try:
-        doq_server.admit(data, early=early)
-    except doq.DoqProtocolError:
+        server_rules.admit(data, early=early)
+    except framing.DoqProtocolError:
         assert len(data) >= 2
 
 
 def test_wants_padding() -> None:
-    assert doq_server.wants_padding(query("a.test", use_edns=0, pad=128).to_wire())
-    assert not doq_server.wants_padding(query("a.test", use_edns=0).to_wire())
-    assert not doq_server.wants_padding(b"junk")
+    assert server_rules.wants_padding(query("a.test", use_edns=0, pad=128).to_wire())
+    assert not server_rules.wants_padding(query("a.test", use_edns=0).to_wire())
+    assert not server_rules.wants_padding(b"junk")
 
 
 # --- ticket store ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import dns.asyncquery
 import dns.message
 import pytest
 
-from doqproxy import systemd
+from doqproxy.ops import systemd
 
 from .conftest import SERVER_NAME, Certs, free_port
 from .doq_fixture import DoqTestUpstream

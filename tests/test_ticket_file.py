@@ -1,4 +1,4 @@
-"""Unit tests for doqproxy.ticket_file (no sockets)."""
+"""Unit tests for doqproxy.upstream.tickets (no sockets)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 from aioquic.tls import CipherSuite, SessionTicket
 
-from doqproxy.ticket_file import TicketFile, default_state_dir, ticket_from_json, ticket_to_json
+from doqproxy.upstream.tickets import (
+    TicketFile,
+    default_state_dir,
+    ticket_from_json,
+    ticket_to_json,
+)
 
 
 def ticket(label: bytes, hours: float = 1.0) -> SessionTicket:

@@ -1,4 +1,4 @@
-"""Unit tests for doqproxy.wire and doqproxy.validate (no sockets)."""
+"""Unit tests for doqproxy.dns.wire and doqproxy.dns.validate (no sockets)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from doqproxy import validate, wire
+from doqproxy.dns import validate, wire
 
 
 def make(name: str = "Example.COM.", rdtype: str = "A", **kw: object) -> bytes:

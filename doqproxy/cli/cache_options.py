@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ..cache import CacheSettings
+from doqproxy.cache.policy import CacheSettings
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from . import config
-from .forward import forward
+from doqproxy.cli import config
+from doqproxy.cli.forward import forward
 
 
 @click.command("check-config")

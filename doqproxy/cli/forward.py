@@ -8,15 +8,17 @@ from typing import Any
 
 import click
 
-from .. import forwarder, runtime, systemd
-from ..addresses import AddressError, parse_listen, parse_upstream
-from ..listen_tcp import TcpLimits
-from ..operations import OpsSettings
-from ..privileges import PrivilegeError, drop_privileges
-from ..sockets import ListenError
-from . import config
-from .cache_options import cache_options, cache_settings
-from .pool_options import pool_options, pool_settings
+from doqproxy import forwarder
+from doqproxy.cli import config
+from doqproxy.cli.cache_options import cache_options, cache_settings
+from doqproxy.cli.pool_options import pool_options, pool_settings
+from doqproxy.frontend.tcp import TcpLimits
+from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
+from doqproxy.net.sockets import ListenError
+from doqproxy.ops import process, systemd
+from doqproxy.ops.control import OpsSettings
+from doqproxy.ops.privileges import PrivilegeError, drop_privileges
+from doqproxy.settings import ForwardSettings
 
 
 @click.command(cls=config.ConfigCommand)
@@ -132,7 +134,7 @@ def forward(
     except AddressError as exc:
         raise click.ClickException(f"--metrics-listen: {exc}") from None
     pool, state_dir = pool_settings(options, padding=not no_padding)
-    settings = forwarder.ForwardSettings(
+    settings = ForwardSettings(
         listen=addresses,
         pool=pool,
         state_dir=state_dir,
@@ -154,7 +156,7 @@ def forward(
     )
     if config.deliver(settings):  # check-config or a reload: settings only
         return
-    runtime.setup_logging(verbose)
+    process.setup_logging(verbose)
     try:
         sockets = systemd.listen_sockets() or forwarder.bind_all(settings)
     except systemd.ActivationError as exc:
@@ -163,13 +165,13 @@ def forward(
         raise click.ClickException(exc.strerror or str(exc)) from None
     if user is not None:
         if metrics_address is not None:
-            importlib.import_module("doqproxy.metrics")  # before root's files are out of reach
+            importlib.import_module("doqproxy.ops.metrics")  # before root's files are out of reach
         try:
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None
     reload = config.reloader()
-    raise SystemExit(runtime.run(lambda: forwarder.serve(settings, sockets, reload)))
+    raise SystemExit(process.run(lambda: forwarder.serve(settings, sockets, reload)))
 
 
 def check_ca_file(path: str) -> None:

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ..pool import PoolSettings
-from ..ticket_file import default_state_dir
+from doqproxy.upstream.pool import PoolSettings
+from doqproxy.upstream.tickets import default_state_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 

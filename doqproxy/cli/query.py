@@ -13,10 +13,10 @@ import dns.flags
 import dns.message
 import dns.rcode
 
-from .. import runtime
-from ..addresses import AddressError, parse_upstream
-from ..probe import ProbeError, ProbeResult, ProbeSettings, probe
-from .forward import check_ca_file
+from doqproxy.cli.forward import check_ca_file
+from doqproxy.net.addresses import AddressError, parse_upstream
+from doqproxy.ops import process
+from doqproxy.upstream.probe import ProbeError, ProbeResult, ProbeSettings, probe
 
 
 @click.command()
@@ -75,7 +75,7 @@ def query(
       doqproxy query example.com AAAA -u quic://dns.adguard-dns.com
       doqproxy query example.com -u quic://dns.adguard-dns.com --state-dir ~/.cache/doqproxy --0rtt
     """
-    runtime.setup_logging(verbose)
+    process.setup_logging(verbose)
     if verbose < 2:
         # The failure is reported in one line below; aioquic's own log line would repeat it.
         logging.getLogger("quic").setLevel(logging.CRITICAL)

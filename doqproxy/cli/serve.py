@@ -6,16 +6,16 @@ import logging
 
 import click
 
-from .. import wire
-from ..addresses import AddressError, HostPort, parse_listen, parse_upstream
-from ..doq import DEFAULT_PORT
-from ..listen_doq import DoqListener, DoqListenerConfig, ListenError, tls_configuration
-from ..metrics import MetricsServer, ServeCollector
-from ..plain_upstream import PlainUpstream
-from ..resolver import Resolver
-from ..runtime import run, setup_logging, stop_event
-from ..upstream import Upstream
-from ..zone_backend import ZoneBackend, ZoneError
+from doqproxy.dns import wire
+from doqproxy.doq.framing import DEFAULT_PORT
+from doqproxy.frontend.doq import DoqListener, DoqListenerConfig, ListenError, tls_configuration
+from doqproxy.net.addresses import AddressError, HostPort, parse_listen, parse_upstream
+from doqproxy.ops.metrics import MetricsServer, ServeCollector
+from doqproxy.ops.process import run, setup_logging, stop_event
+from doqproxy.resolver import Resolver
+from doqproxy.upstream.base import Upstream
+from doqproxy.upstream.plain import PlainUpstream
+from doqproxy.upstream.zone import ZoneBackend, ZoneError
 
 log = logging.getLogger("doqproxy.serve")
 

@@ -13,9 +13,9 @@ from types import FrameType
 
 import click
 
-from ..top import model, scrape
-from ..top import text as plain
-from . import config
+from doqproxy.cli import config
+from doqproxy.top import model, scrape
+from doqproxy.top import text as plain
 
 FETCH_TIMEOUT = 3.0
 """Seconds one scrape may take before the forwarder counts as unreachable."""
@@ -65,7 +65,7 @@ def top(
 
     if not (once or as_json):
         try:
-            from ..top import view
+            from doqproxy.top import view
         except ImportError:
             raise click.ClickException(
                 "the live view needs rich: pip install 'doqproxy[top]' "

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..upstream import Ede
-from .scrape import Labels, Scrape
+from doqproxy.dns.ede import Ede
+from doqproxy.top.scrape import Labels, Scrape
 
 WINDOW = 60.0
 """Seconds of history kept for the "last minute" figures and the sparkline."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..addresses import AddressError, parse_listen
+from doqproxy.net.addresses import AddressError, parse_listen
 
 DEFAULT_URL = "http://127.0.0.1:9153/metrics"
 """Where ``doqproxy top`` looks when neither ``--metrics`` nor the config file says."""

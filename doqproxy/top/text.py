@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .model import Snapshot, UpstreamRow
+from doqproxy.top.model import Snapshot, UpstreamRow
 
 BARS = "▁▂▃▄▅▆▇█"
 

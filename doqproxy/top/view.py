@@ -11,10 +11,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import text
-from .keys import Keys
-from .model import Monitor, Snapshot
-from .scrape import Scrape, ScrapeError
+from doqproxy.top import text
+from doqproxy.top.keys import Keys
+from doqproxy.top.model import Monitor, Snapshot
+from doqproxy.top.scrape import Scrape, ScrapeError
 
 _STATE_STYLES = {"up": "green", "backoff": "red", "probing": "yellow", "fallback": "magenta"}
 _LEFT = {"upstream", "state", "last error"}

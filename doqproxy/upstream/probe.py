@@ -1,6 +1,6 @@
 """One DoQ query with a timing breakdown and TLS details: the logic behind ``doqproxy query``.
 
-The probe drives a single :class:`~doqproxy.doq_client.DoqConnection` by hand so
+The probe drives a single :class:`~doqproxy.upstream.doq_connection.DoqConnection` by hand so
 that it can time each phase separately:
 
 - *connect*: resolving the upstream's name and opening the UDP socket;
@@ -29,11 +29,11 @@ import dns.rdataclass
 import dns.rdatatype
 from aioquic.tls import SessionTicket
 
-from . import doq
-from .addresses import UpstreamUrl
-from .doq_client import DoqConnection, client_configuration
-from .ticket_file import TicketFile, upstream_key
-from .upstream import UpstreamError
+from doqproxy.doq import framing
+from doqproxy.net.addresses import UpstreamUrl
+from doqproxy.upstream.base import UpstreamError
+from doqproxy.upstream.doq_connection import DoqConnection, client_configuration
+from doqproxy.upstream.tickets import TicketFile, upstream_key
 
 
 class ProbeError(Exception):
@@ -158,7 +158,7 @@ async def _probe(settings: ProbeSettings) -> ProbeResult:
     except UpstreamError as exc:
         raise ProbeError(str(exc)) from None
     finally:
-        conn.close(doq.DoqError.NO_ERROR, "done")
+        conn.close(framing.DoqError.NO_ERROR, "done")
         await conn.wait_closed(grace=0.5)
         if tickets is not None:
             tickets.save()

@@ -12,14 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from .operations import Operations
-from .pool import DoqUpstream
-from .resolver import Resolver
-
-if TYPE_CHECKING:
-    from .forwarder import ForwardSettings
+from doqproxy.ops.control import Operations
+from doqproxy.resolver import Resolver
+from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.pool import DoqUpstream
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .cache_entry import CacheEntry
+from doqproxy.cache.entry import CacheEntry
 
 _SWEEP = 2
 """Expired entries checked at the oldest end on each insert."""

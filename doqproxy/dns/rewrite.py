@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import struct
 
-from . import wire
-from .wire import Edns, Question
+from doqproxy.dns import wire
+from doqproxy.dns.wire import Edns, Question
 
 QUERY_PADDING_BLOCK = 128
 """RFC 8467 §4.1: clients pad queries to a multiple of 128 octets."""

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Protocol
 
-from .wire import Question
-
-
-class Ede(enum.IntEnum):
-    """Extended DNS Error codes (RFC 8914, RFC 9250) that doqproxy sends."""
-
-    OTHER = 0
-    STALE_ANSWER = 3
-    NOT_READY = 14
-    NO_REACHABLE_AUTHORITY = 22
-    NETWORK_ERROR = 23
-    INVALID_DATA = 24
-    TOO_EARLY = 26
+from doqproxy.dns.ede import Ede
+from doqproxy.dns.wire import Question
 
 
 class UpstreamError(Exception):

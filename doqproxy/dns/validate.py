@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import wire
-from .wire import Question
+from doqproxy.dns import wire
+from doqproxy.dns.wire import Question
 
 
 @dataclass(slots=True, frozen=True)

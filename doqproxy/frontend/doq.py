@@ -1,7 +1,7 @@
 """The DNS-over-QUIC front end (RFC 9250): QUIC streams in, :class:`Resolver` answers out.
 
 It only moves bytes between aioquic and the resolver. The DoQ rules live in
-:mod:`doqproxy.doq` (framing) and :mod:`doqproxy.doq_server` (what to do with a
+:mod:`doqproxy.doq.framing` (framing) and :mod:`doqproxy.doq.server_rules` (what to do with a
 complete query). Per connection:
 
 - each client-initiated bidirectional stream carries one query; the answer goes
@@ -34,12 +34,13 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 
-from . import doq, doq_server, rewrite
-from .addresses import HostPort
-from .doq import DoqError
-from .doq_server import DoqServerStats
-from .resolver import Resolver
-from .ticket_store import TicketStore
+from doqproxy.dns import rewrite
+from doqproxy.doq import framing, server_rules
+from doqproxy.doq.framing import DoqError
+from doqproxy.doq.server_rules import DoqServerStats
+from doqproxy.frontend.ticket_store import TicketStore
+from doqproxy.net.addresses import HostPort
+from doqproxy.resolver import Resolver
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def tls_configuration(cert: str, key: str, config: DoqListenerConfig) -> QuicCon
     """The server's QUIC configuration, ALPN ``doq`` only. Raises :class:`ListenError`."""
     quic = QuicConfiguration(
         is_client=False,
-        alpn_protocols=[doq.ALPN],
+        alpn_protocols=[framing.ALPN],
         idle_timeout=config.idle_timeout,
     )
     try:
@@ -110,7 +111,7 @@ class _Stream:
     __slots__ = ("deadline", "dispatched", "early", "reader")
 
     def __init__(self, early: bool, deadline: asyncio.TimerHandle) -> None:
-        self.reader = doq.StreamReader()
+        self.reader = framing.StreamReader()
         self.early = early
         self.deadline = deadline
         self.dispatched = False
@@ -171,7 +172,7 @@ class DoqConnection(QuicConnectionProtocol):
         sid = event.stream_id
         if self._sent_code is not None:
             return
-        if not doq.is_client_bidi(sid):
+        if not framing.is_client_bidi(sid):
             self._protocol_error(f"data on stream {sid}, not a client bidirectional stream")
             return
         stream = self._streams.get(sid)
@@ -189,7 +190,7 @@ class DoqConnection(QuicConnectionProtocol):
                 # (The reader has no end state: asking it with end_stream=True is
                 # how it hands the message over, and later data is still checked.)
                 message = stream.reader.feed(b"", True)
-        except doq.DoqProtocolError as exc:
+        except framing.DoqProtocolError as exc:
             self._protocol_error(str(exc))
             return
         if message is not None and not stream.dispatched:
@@ -200,8 +201,8 @@ class DoqConnection(QuicConnectionProtocol):
 
     def _dispatch(self, sid: int, message: bytes, early: bool) -> None:
         try:
-            early_reply = doq_server.admit(message, early=early)
-        except doq.DoqProtocolError as exc:
+            early_reply = server_rules.admit(message, early=early)
+        except framing.DoqProtocolError as exc:
             self._protocol_error(str(exc))
             return
         self._stats.streams += 1
@@ -218,7 +219,7 @@ class DoqConnection(QuicConnectionProtocol):
     async def _answer(self, sid: int, message: bytes) -> None:
         try:
             reply = await self._listener.resolver.resolve(message, udp=False)
-            if reply is not None and doq_server.wants_padding(message):
+            if reply is not None and server_rules.wants_padding(message):
                 reply = rewrite.pad_response(reply)
         except Exception:
             log.exception("resolver failed on stream %d", sid)
@@ -236,7 +237,7 @@ class DoqConnection(QuicConnectionProtocol):
         if self._sent_code is not None or self._terminated:
             return
         try:
-            self._quic.send_stream_data(sid, doq.frame(reply), end_stream=True)
+            self._quic.send_stream_data(sid, framing.frame(reply), end_stream=True)
         except (RuntimeError, ValueError) as exc:
             # The client stopped or reset the stream meanwhile.
             log.debug("stream %d: answer dropped: %s", sid, exc)

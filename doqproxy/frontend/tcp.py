@@ -15,9 +15,9 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 
-from . import wire
-from .inflight import InFlight
-from .resolver import Resolver
+from doqproxy.dns import wire
+from doqproxy.frontend.inflight import InFlight
+from doqproxy.resolver import Resolver
 
 log = logging.getLogger(__name__)
 

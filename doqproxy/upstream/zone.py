@@ -1,4 +1,4 @@
-"""An :class:`~doqproxy.upstream.Upstream` that answers authoritatively from one zone file.
+"""An :class:`~doqproxy.upstream.base.Upstream` that answers authoritatively from one zone file.
 
 It is what ``doqproxy serve --zone`` puts behind the DoQ listener, so that the
 listener can be used (and demonstrated, and tested) without any other server.
@@ -35,8 +35,8 @@ import dns.rdatatype
 import dns.rrset
 import dns.zone
 
-from . import wire
-from .wire import Question
+from doqproxy.dns import wire
+from doqproxy.dns.wire import Question
 
 MAX_CNAME_CHAIN = 8
 MAX_CACHED_ANSWERS = 10_000

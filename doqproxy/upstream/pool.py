@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 
 from aioquic.quic.configuration import QuicConfiguration
 
-from . import doq, pool_policy, wire
-from .addresses import UpstreamUrl
-from .doq_client import ConnectionLost, DoqConnection
-from .ticket_file import TicketFile, upstream_key
-from .upstream import Ede, UpstreamError
-from .wire import Question
+from doqproxy.dns import wire
+from doqproxy.dns.ede import Ede
+from doqproxy.dns.wire import Question
+from doqproxy.doq import framing
+from doqproxy.net.addresses import UpstreamUrl
+from doqproxy.upstream import pool_policy
+from doqproxy.upstream.base import UpstreamError
+from doqproxy.upstream.doq_connection import ConnectionLost, DoqConnection
+from doqproxy.upstream.tickets import TicketFile, upstream_key
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ class PoolSettings:
 
 
 class DoqUpstream:
-    """An :class:`~doqproxy.upstream.Upstream` speaking DoQ to one server."""
+    """An :class:`~doqproxy.upstream.base.Upstream` speaking DoQ to one server."""
 
     def __init__(
         self,
@@ -133,7 +136,7 @@ class DoqUpstream:
                 waiter.set_exception(UpstreamError("shutting down", Ede.NOT_READY))
         self._discard_prepared()
         for conn in list(self._connections):
-            conn.close(doq.DoqError.NO_ERROR, "shutdown")
+            conn.close(framing.DoqError.NO_ERROR, "shutdown")
         if self._preparing is not None:
             self._preparing.cancel()
         if self._closing:
@@ -369,11 +372,11 @@ class DoqUpstream:
                 if settings.max_age is not None and now - conn.opened_at >= settings.max_age:
                     self.stats.idle_closed += 1
                     log.debug("%s: closing a connection at its maximum age", self.name)
-                    conn.close(doq.DoqError.NO_ERROR, "maximum age")
+                    conn.close(framing.DoqError.NO_ERROR, "maximum age")
                 elif settings.keepalive is not None:
                     if quiet >= settings.keepalive:
                         conn.ping()
                 elif quiet >= conn.idle_timeout - 2.0:
                     self.stats.idle_closed += 1
                     log.debug("%s: closing an idle connection", self.name)
-                    conn.close(doq.DoqError.NO_ERROR, "idle")
+                    conn.close(framing.DoqError.NO_ERROR, "idle")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from .addresses import HostPort
+from doqproxy.net.addresses import HostPort
 
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 """Bursts of small queries overflow the default ~200 KB buffer (each datagram

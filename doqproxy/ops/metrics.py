@@ -2,7 +2,7 @@
 
 One custom collector reads the counters that the resolver, cache and pool keep
 anyway (plain integers in their stats dataclasses) at scrape time, so metrics
-cost nothing per query beyond what :mod:`doqproxy.observe` adds for the
+cost nothing per query beyond what :mod:`doqproxy.ops.observers` adds for the
 per-(transport, qtype, rcode) counts and the latency histogram. The HTTP server
 is prometheus-client's own, on a daemon thread; the collector only reads ints
 and copies dicts, both atomic under the GIL.
@@ -26,13 +26,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__, doq_client
-from .addresses import HostPort
-from .cache import AnswerCache
-from .doq_server import DoqServerStats
-from .observe import LatencyHistogram, Observations, qtype_label, rcode_label
-from .pool import DoqUpstream
-from .resolver import Resolver
+from doqproxy import __version__
+from doqproxy.cache.policy import AnswerCache
+from doqproxy.doq.server_rules import DoqServerStats
+from doqproxy.net.addresses import HostPort
+from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
+from doqproxy.resolver import Resolver
+from doqproxy.upstream import doq_connection
+from doqproxy.upstream.pool import DoqUpstream
 
 _DOQ_CODES = {
     0x0: "NO_ERROR",
@@ -77,7 +78,7 @@ def event_loop_name() -> str:
 
 def quic_engine() -> str:
     """The QUIC library the DoQ client runs on (``QUIC_ENGINE`` where the client names one)."""
-    return str(getattr(doq_client, "QUIC_ENGINE", "aioquic"))
+    return str(getattr(doq_connection, "QUIC_ENGINE", "aioquic"))
 
 
 def close_code_label(code: int) -> str:

@@ -4,7 +4,7 @@ Nothing here is installed unless ``--metrics-listen`` or ``--query-log`` is
 given; then :class:`ObservedResolver` sits between the front ends and the
 :class:`~doqproxy.resolver.Resolver` and :class:`TimedUpstream` between the
 resolver and the upstream. Metrics that the resolver, cache and pool already
-count are read from their stats at scrape time instead (:mod:`doqproxy.metrics`).
+count are read from their stats at scrape time instead (:mod:`doqproxy.ops.metrics`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import IO, Any
 import dns.rcode
 import dns.rdatatype
 
-from . import wire
-from .resolver import Resolver
-from .upstream import Upstream
-from .wire import Question
+from doqproxy.dns import wire
+from doqproxy.dns.wire import Question
+from doqproxy.resolver import Resolver
+from doqproxy.upstream.base import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class LatencyHistogram:
 
 
 class TimedUpstream:
-    """Wraps an :class:`~doqproxy.upstream.Upstream` and times each query into a histogram."""
+    """Wraps an :class:`~doqproxy.upstream.base.Upstream` and times each query into a histogram."""
 
     def __init__(self, inner: Upstream, histogram: LatencyHistogram) -> None:
         self.inner = inner
@@ -171,7 +171,7 @@ class QueryLog:
 @dataclass(slots=True)
 class Observations:
     """What :class:`ObservedResolver` counts: answers by (udp?, QTYPE, RCODE or -1 for
-    no answer), as raw integers; :mod:`doqproxy.metrics` names them at scrape time."""
+    no answer), as raw integers; :mod:`doqproxy.ops.metrics` names them at scrape time."""
 
     answers: dict[tuple[bool, int, int], int] = field(default_factory=dict)
     query_log: QueryLog | None = None

@@ -15,13 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .addresses import HostPort
-from .inflight import InFlight
-from .observe import LatencyHistogram, Observations, ObservedResolver, QueryLog, TimedUpstream
-from .pool import DoqUpstream
-from .resolver import Resolver
-from .systemd import Notifier
-from .upstream import Upstream
+from doqproxy.frontend.inflight import InFlight
+from doqproxy.net.addresses import HostPort
+from doqproxy.ops.observers import (
+    LatencyHistogram,
+    Observations,
+    ObservedResolver,
+    QueryLog,
+    TimedUpstream,
+)
+from doqproxy.ops.systemd import Notifier
+from doqproxy.resolver import Resolver
+from doqproxy.upstream.base import Upstream
+from doqproxy.upstream.pool import DoqUpstream
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ class Operations:
 
     def _start_metrics(self, address: HostPort) -> None:
         # prometheus-client is imported only when metrics are asked for.
-        from .metrics import ForwardCollector, MetricsServer, Sources
+        from doqproxy.ops.metrics import ForwardCollector, MetricsServer, Sources
 
         sources = Sources(
             resolver=lambda: cast(Resolver, self.resolver),

@@ -1,10 +1,10 @@
 """Server-side DoQ rules that need no sockets: what to do with one complete query.
 
-The asyncio listener (:mod:`doqproxy.listen_doq`) reassembles a stream with
-:class:`doqproxy.doq.StreamReader`, then asks :func:`admit` whether the query may
+The asyncio listener (:mod:`doqproxy.frontend.doq`) reassembles a stream with
+:class:`doqproxy.doq.framing.StreamReader`, then asks :func:`admit` whether the query may
 go to the resolver. The answer is one of three:
 
-- raise :class:`~doqproxy.doq.DoqProtocolError`: close the connection with
+- raise :class:`~doqproxy.doq.framing.DoqProtocolError`: close the connection with
   DOQ_PROTOCOL_ERROR (message ID not 0, edns-tcp-keepalive; RFC 9250 §4.2.1, §5.5.2);
 - return a reply: answer it without the resolver (a non-replayable query in 0-RTT);
 - return ``None``: hand the query to the resolver.
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import doq, wire
-from .upstream import Ede
+from doqproxy.dns import wire
+from doqproxy.dns.ede import Ede
+from doqproxy.doq import framing
 
 REPLAYABLE_OPCODES = frozenset({wire.OPCODE_QUERY, wire.OPCODE_NOTIFY})
 TOO_EARLY_TEXT = "not replayable, send it after the handshake"
@@ -30,13 +31,13 @@ TOO_EARLY_TEXT = "not replayable, send it after the handshake"
 def admit(message: bytes, *, early: bool) -> bytes | None:
     """Check one complete DoQ query; see the module docstring for the three outcomes."""
     if len(message) >= 2 and wire.get_id(message) != 0:
-        raise doq.DoqProtocolError(f"message ID {wire.get_id(message)}, must be 0")
+        raise framing.DoqProtocolError(f"message ID {wire.get_id(message)}, must be 0")
     try:
         question = wire.parse_question(message)
     except wire.WireError:
         # Malformed DNS is not a DoQ protocol error: the resolver answers FORMERR.
         return None
-    doq.check_doq_query(question)
+    framing.check_doq_query(question)
     if early and question.opcode not in REPLAYABLE_OPCODES:
         return wire.error_reply(question, wire.RCODE_REFUSED, ede=(Ede.TOO_EARLY, TOO_EARLY_TEXT))
     return None

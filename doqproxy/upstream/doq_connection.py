@@ -24,8 +24,9 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnecti
 from aioquic.quic.packet import QuicPacketType
 from aioquic.tls import Epoch, SessionTicket
 
-from . import doq
-from .upstream import Ede, UpstreamError
+from doqproxy.dns.ede import Ede
+from doqproxy.doq import framing
+from doqproxy.upstream.base import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class DoqConnection:
         (an upstream that drops our packets without an ICMP error)."""
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending: dict[int, tuple[doq.StreamReader, asyncio.Future[bytes]]] = {}
+        self._pending: dict[int, tuple[framing.StreamReader, asyncio.Future[bytes]]] = {}
         self._ticket_handler = ticket_handler
         self._token_handler = token_handler
         self._protocol: _Protocol | None = None
@@ -178,7 +179,7 @@ class DoqConnection:
         """A session ticket was given, so early data can go in the first flight."""
         return self.configuration.session_ticket is not None
 
-    def close(self, code: int = doq.DoqError.NO_ERROR, reason: str = "") -> None:
+    def close(self, code: int = framing.DoqError.NO_ERROR, reason: str = "") -> None:
         """Close with a DoQ error code; pending queries fail with :class:`ConnectionLost`."""
         if self._protocol is not None and not self.dead:
             self._protocol.close(error_code=code, reason_phrase=reason)
@@ -249,11 +250,11 @@ class DoqConnection:
         quic = self._protocol._quic
         stream_id = quic.get_next_available_stream_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[stream_id] = (doq.StreamReader(), future)
+        self._pending[stream_id] = (framing.StreamReader(), future)
         sent_at = time.monotonic()
         if not self.handshake_done.done():
             self.info.early_data_sent = True
-        quic.send_stream_data(stream_id, doq.frame(message), end_stream=True)
+        quic.send_stream_data(stream_id, framing.frame(message), end_stream=True)
         self.flush()
         self._arm_watchdog(sent_at)
         try:
@@ -280,7 +281,7 @@ class DoqConnection:
                 self._fail(ConnectionLost(f"no reply from the server for {delay:.1f}s"))
                 if self._protocol is not None:
                     self._protocol.close(
-                        error_code=doq.DoqError.NO_ERROR, reason_phrase="unresponsive"
+                        error_code=framing.DoqError.NO_ERROR, reason_phrase="unresponsive"
                     )
             else:
                 self._arm_watchdog(time.monotonic())
@@ -314,7 +315,9 @@ class DoqConnection:
                 timeout = self.handshake_timeout
                 self._fail(ConnectionLost(f"no handshake within {timeout:g}s (no reply)"))
                 if self._protocol is not None:
-                    self._protocol.close(error_code=doq.DoqError.NO_ERROR, reason_phrase="timeout")
+                    self._protocol.close(
+                        error_code=framing.DoqError.NO_ERROR, reason_phrase="timeout"
+                    )
 
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(self.handshake_timeout, expire)
@@ -329,8 +332,8 @@ class DoqConnection:
         assert self._protocol is not None
         quic = self._protocol._quic
         try:
-            quic.reset_stream(stream_id, doq.DoqError.REQUEST_CANCELLED)
-            quic.stop_stream(stream_id, doq.DoqError.REQUEST_CANCELLED)
+            quic.reset_stream(stream_id, framing.DoqError.REQUEST_CANCELLED)
+            quic.stop_stream(stream_id, framing.DoqError.REQUEST_CANCELLED)
         except Exception:
             pass
         self._protocol.transmit()
@@ -360,10 +363,10 @@ class DoqConnection:
         reader, future = entry
         try:
             message = reader.feed(event.data, event.end_stream)
-        except doq.DoqProtocolError as exc:
+        except framing.DoqProtocolError as exc:
             del self._pending[event.stream_id]
             future.set_exception(UpstreamError(f"bad DoQ answer: {exc}", Ede.INVALID_DATA))
-            self.close(doq.DoqError.PROTOCOL_ERROR, str(exc))
+            self.close(framing.DoqError.PROTOCOL_ERROR, str(exc))
             return
         if message is not None:
             del self._pending[event.stream_id]
@@ -458,7 +461,7 @@ def client_configuration(
 
     configuration = QuicConfiguration(
         is_client=True,
-        alpn_protocols=[doq.ALPN],
+        alpn_protocols=[framing.ALPN],
         server_name=server_name,
         verify_mode=ssl.CERT_REQUIRED,
         idle_timeout=idle_timeout,

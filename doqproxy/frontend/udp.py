@@ -6,8 +6,8 @@ import asyncio
 import logging
 from typing import Any, cast
 
-from .inflight import InFlight
-from .resolver import Resolver
+from doqproxy.frontend.inflight import InFlight
+from doqproxy.resolver import Resolver
 
 log = logging.getLogger(__name__)
 

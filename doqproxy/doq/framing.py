@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import struct
 
-from . import wire
+from doqproxy.dns import wire
 
 ALPN = "doq"
 DEFAULT_PORT = 853

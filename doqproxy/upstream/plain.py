@@ -1,4 +1,4 @@
-"""An :class:`~doqproxy.upstream.Upstream` that asks a plain DNS server over UDP, then TCP.
+"""An :class:`~doqproxy.upstream.base.Upstream` that asks a plain DNS server over UDP, then TCP.
 
 DoQ queries carry ID 0 (RFC 9250 §4.2.1). A plain DNS server must not see that:
 every query leaves here with a fresh random non-zero ID, and only a reply with that
@@ -13,10 +13,11 @@ import asyncio
 import secrets
 import struct
 
-from . import wire
-from .addresses import UpstreamUrl
-from .upstream import Ede, UpstreamError
-from .wire import Question
+from doqproxy.dns import wire
+from doqproxy.dns.ede import Ede
+from doqproxy.dns.wire import Question
+from doqproxy.net.addresses import UpstreamUrl
+from doqproxy.upstream.base import UpstreamError
 
 UDP_RETRY_INTERVAL = 1.0
 """Seconds to wait for a UDP reply before sending the query again."""

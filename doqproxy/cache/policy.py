@@ -1,6 +1,6 @@
 """The answer cache: policy and storage, no I/O.
 
-Entries live in an :class:`~doqproxy.cache_store.EntryStore` bounded by entry
+Entries live in an :class:`~doqproxy.cache.store.EntryStore` bounded by entry
 count and by total bytes (each entry's estimated memory cost). An entry stays in
 the store past its TTL for ``serve_stale_max_age`` so that it can be served stale
 (RFC 8767); whether it is fresh is decided here, from its own TTL.
@@ -11,7 +11,7 @@ QTYPE for the name, RFC 2308 §5), then one octet holding the DO and CD bits.
 The name is self-delimiting, so the two kinds of key never collide.
 
 :meth:`AnswerCache.fast_reply` serves the common query shape straight from the
-raw bytes: it never builds a :class:`~doqproxy.wire.Question`. Anything unusual
+raw bytes: it never builds a :class:`~doqproxy.dns.wire.Question`. Anything unusual
 goes the long way, through validation and :meth:`AnswerCache.lookup`.
 """
 
@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import wire
-from .cache_entry import CacheEntry, TtlPolicy, Uncacheable, build_entry, question_bytes
-from .cache_store import EntryStore, TooLarge
-from .wire import Question
+from doqproxy.cache.entry import CacheEntry, TtlPolicy, Uncacheable, build_entry, question_bytes
+from doqproxy.cache.store import EntryStore, TooLarge
+from doqproxy.dns import wire
+from doqproxy.dns.wire import Question
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import rewrite, wire
-from .wire import Edns, Question
+from doqproxy.dns import rewrite, wire
+from doqproxy.dns.wire import Edns, Question
 
 STALE_TTL = 30
 """RFC 8767 §5: the TTL given to records served stale."""
@@ -203,7 +203,7 @@ class CacheEntry:
 def build_entry(response: bytes, parsed: Question, *, now: float, policy: TtlPolicy) -> CacheEntry:
     """Walk a checked upstream answer once and build its entry.
 
-    ``parsed`` is :func:`doqproxy.rewrite.check_response` of ``response``. Raises
+    ``parsed`` is :func:`doqproxy.dns.rewrite.check_response` of ``response``. Raises
     :class:`Uncacheable` for answers that RFC 2308 or common sense say not to keep.
     """
     flags = parsed.flags

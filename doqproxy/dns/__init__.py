@@ -1,0 +1,1 @@
+"""DNS wire format, the bad-input table, and messages on their way up and back (pure)."""

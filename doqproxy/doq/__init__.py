@@ -1,0 +1,1 @@
+"""DNS over QUIC (RFC 9250) itself: stream framing and the server's admission rules (pure)."""

@@ -1,0 +1,1 @@
+"""Addresses and sockets: parsing what the user typed, binding listeners."""

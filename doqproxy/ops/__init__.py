@@ -1,0 +1,1 @@
+"""Running in production: config reload, metrics, query log, systemd, privileges."""

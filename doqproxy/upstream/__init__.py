@@ -1,0 +1,1 @@
+"""Everything that answers the resolver's queries: DoQ pools, plain DNS, zones."""
