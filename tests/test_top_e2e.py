@@ -158,7 +158,8 @@ async def test_not_a_doqproxy_endpoint(upstream: DoqTestUpstream, start_proxy: S
         assert result.returncode == 1
         [line] = result.stderr.splitlines()
         assert "Traceback" not in result.stderr
-        assert f"cannot read http://127.0.0.1:{port}/:" in line
+        assert line.startswith(f"Error: http://127.0.0.1:{port}/: not Prometheus text")
+        assert "--metrics-listen" not in line
     finally:
         server.terminate()
         server.wait(10)

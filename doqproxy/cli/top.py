@@ -96,6 +96,8 @@ def _first(take: Callable[[], scrape.Scrape], target: str) -> scrape.Scrape:
     try:
         return take()
     except scrape.ScrapeError as exc:
+        if exc.answered:
+            raise click.ClickException(f"{target}: {exc}") from None
         listen = scrape.listen_hint(target)
         raise click.ClickException(
             f"cannot read {target}: {exc}. Is the forwarder running with "

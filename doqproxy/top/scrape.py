@@ -34,6 +34,11 @@ _FORWARD_FAMILIES = (
 class ScrapeError(Exception):
     """The endpoint could not be read, or is not a doqproxy forwarder's; one line of text."""
 
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
+        """Something answered, but not with a forwarder's metrics."""
+
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
@@ -86,9 +91,10 @@ def parse(text: str, *, at: float, wall: float) -> Scrape:
             if family.type == "counter":
                 counters.add(family.name + "_total")
     except (ValueError, IndexError, KeyError) as exc:
-        raise ScrapeError(f"not Prometheus text ({exc})") from None
+        detail = str(exc).splitlines()[0][:60] if str(exc) else type(exc).__name__
+        raise ScrapeError(f"not Prometheus text ({detail})", answered=True) from None
     if not any(name in values for name in _FORWARD_FAMILIES):
-        raise ScrapeError("no doqproxy forward metrics there (is it another exporter?)")
+        raise ScrapeError("no doqproxy forward metrics there (another exporter?)", answered=True)
     return Scrape(at, wall, values, frozenset(counters))
 
 
@@ -98,7 +104,7 @@ def fetch(url: str, timeout: float) -> str:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
             return str(reply.read().decode("utf-8", "replace"))
     except urllib.error.HTTPError as exc:
-        raise ScrapeError(f"HTTP {exc.code} {exc.reason}") from None
+        raise ScrapeError(f"HTTP {exc.code} {exc.reason}", answered=True) from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, OSError) and reason.strerror:
