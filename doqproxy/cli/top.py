@@ -100,8 +100,7 @@ def _first(take: Callable[[], scrape.Scrape], target: str) -> scrape.Scrape:
             raise click.ClickException(f"{target}: {exc}") from None
         listen = scrape.listen_hint(target)
         raise click.ClickException(
-            f"cannot read {target}: {exc}. Is the forwarder running with "
-            f'--metrics-listen {listen} (or metrics-listen = "{listen}" in its config)?'
+            f"cannot read {target}: {exc}; is the forwarder running with --metrics-listen {listen}?"
         ) from None
 
 
