@@ -94,8 +94,9 @@ async def test_once_and_json_match_the_queries_sent(
     lines = result.stdout.splitlines()
     assert lines[0].startswith("doqproxy 0.1.0  up ")
     assert "7 in all" in lines[1]
-    assert "42.9% in all" in lines[2]  # 3 hits of 7 lookups
-    assert "23 Network Error: 1" in lines[3]
+    assert lines[2] == "last 60s  ▁"  # one step, with no queries in it
+    assert "42.9% in all" in lines[3]  # 3 hits of 7 lookups
+    assert "23 Network Error: 1" in lines[4]
     assert any(line.startswith(f"quic://127.0.0.1:{upstream.port} ") for line in lines)
     assert proxy.stop() == 0
 

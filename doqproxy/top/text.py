@@ -80,6 +80,10 @@ def queries_line(snap: Snapshot) -> str:
     )
 
 
+def history_line(snap: Snapshot) -> str:
+    return f"last 60s  {sparkline(snap.history) or '-'}"
+
+
 def cache_line(snap: Snapshot) -> str:
     return (
         f"cache     hit ratio {percent(snap.cache_hit_ratio)} last minute, "
@@ -130,7 +134,8 @@ def render(snap: Snapshot) -> str:
     """One snapshot as plain text (``doqproxy top --once``)."""
     lines = [
         header(snap),
-        queries_line(snap) + (f"  {sparkline(snap.history)}" if snap.history else ""),
+        queries_line(snap),
+        history_line(snap),
         cache_line(snap),
         servfail_line(snap),
         load_line(snap),

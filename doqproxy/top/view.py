@@ -24,9 +24,9 @@ def screen(snap: Snapshot, status: str | None, interval: float) -> RenderableTyp
     """One frame: the summary lines, the upstream table and a status line."""
     summary = Text()
     summary.append(text.header(snap) + "\n", style="bold")
-    summary.append(text.queries_line(snap))
-    if snap.history:
-        summary.append("  " + text.sparkline(snap.history), style="cyan")
+    summary.append(text.queries_line(snap) + "\n")
+    summary.append("last 60s  ")
+    summary.append(text.sparkline(snap.history) or "-", style="cyan")
     summary.append("\n" + text.cache_line(snap) + "\n")
     summary.append(
         text.servfail_line(snap) + "\n",
