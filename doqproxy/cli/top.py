@@ -26,6 +26,8 @@ FETCH_TIMEOUT = 3.0
     "--metrics",
     "url",
     metavar="URL|ADDR:PORT",
+    envvar="DOQPROXY_TOP_METRICS",
+    show_envvar=True,
     help="The forwarder's metrics endpoint. Default: metrics-listen from the config file "
     f"(or DOQPROXY_METRICS_LISTEN), else {scrape.DEFAULT_URL}.",
 )
@@ -39,6 +41,8 @@ FETCH_TIMEOUT = 3.0
 @click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON and exit.")
 @click.option(
     "--interval",
+    envvar="DOQPROXY_TOP_INTERVAL",
+    show_envvar=True,
     type=click.FloatRange(min=0.2, max=60),
     default=1.0,
     show_default=True,
@@ -49,9 +53,11 @@ def top(
 ) -> None:
     """Show a running forwarder's queries, cache, failures and upstreams, live.
 
-    \b
     Rates are differences between two scrapes of the forwarder's metrics, so it
-    must run with --metrics-listen. q or Ctrl-C quits.
+    must run with --metrics-listen. q or Ctrl-C quits. --once and --json print
+    one snapshot (two scrapes, --interval apart) and do not need rich.
+
+    \b
     Example:
       doqproxy forward -u quic://dns.adguard-dns.com --metrics-listen 127.0.0.1:9153 &
       doqproxy top
