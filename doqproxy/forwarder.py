@@ -77,7 +77,10 @@ async def serve(
     warm_up(upstream.configuration)
     upstream.start()
     resolver = Resolver(
-        ops.wrap_upstream(upstream), timeout=settings.timeout, cache=make_cache(settings.cache)
+        ops.wrap_upstream(upstream),
+        timeout=settings.timeout,
+        cache=make_cache(settings.cache, max_udp=settings.max_udp_size),
+        max_udp=settings.max_udp_size,
     )
     front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()

@@ -71,6 +71,9 @@ class Reloader:
                 self._retire(previous, grace=old.timeout)
             log.warning("reload: now forwarding to %s", upstream.name)
         self.resolver.timeout = new.timeout
+        self.resolver.max_udp = new.max_udp_size
+        if cache is not None:
+            cache.max_udp = new.max_udp_size
         self.ops.set_verbose(new.ops.verbose)
         self.settings = new
         self.generation += 1
