@@ -80,10 +80,10 @@ def top(
         if not sys.stdout.isatty():
             raise click.ClickException("the live view needs a terminal; use --once or --json")
     try:
-        first = monitor.update(_first(take, target))
+        first = monitor.update(_scrape_or_exit(take, target))
         if once or as_json:
             time.sleep(interval)
-            snap = monitor.update(_first(take, target))
+            snap = monitor.update(_scrape_or_exit(take, target))
             click.echo(json.dumps(snap.to_json(), indent=2) if as_json else plain.render(snap))
             return
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -98,7 +98,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _first(take: Callable[[], scrape.Scrape], target: str) -> scrape.Scrape:
+def _scrape_or_exit(take: Callable[[], scrape.Scrape], target: str) -> scrape.Scrape:
     try:
         return take()
     except scrape.ScrapeError as exc:
