@@ -4,7 +4,7 @@ The fixtures in tests/top_scrapes/ are real ``/metrics`` text: ``forward-0.1.0.t
 was captured from ``doqproxy forward --metrics-listen`` after eight queries
 (two cache hits, one NXDOMAIN, one SERVFAIL for a reset stream);
 ``forward-two-upstreams.txt`` is the same with a second upstream and the
-families of the several-upstreams metrics contract added by hand.
+families of the metrics contract (several upstreams, fallback, refusals) added by hand.
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ def test_missing_families_show_as_unknown() -> None:
     assert snap.version is None and snap.uptime is None
     assert snap.cache_hits is None and snap.cache_hit_ratio is None and snap.servfail is None
     assert snap.in_flight is None and snap.queued is None and snap.upstreams == []
+    assert snap.refused is None and snap.fallback_routes == []
     screen = text.render(snap)
     assert "doqproxy ?" in screen and "(no upstream metrics yet)" in screen
     assert "hit ratio - last minute" in screen
@@ -162,6 +163,7 @@ def test_several_upstreams_from_the_contract_families() -> None:
         {
             'doqproxy_upstream_queries_sent_total{upstream="quic://dns-a.test:853"}': 630.0,
             'doqproxy_upstream_queries_sent_total{upstream="quic://dns-b.test:853"}': 210.0,
+            'doqproxy_refused_total{reason="ratelimit"}': 8.0,
         },
     )
     snap = monitor.update(parsed(later, at=2.0))
@@ -179,6 +181,10 @@ def test_several_upstreams_from_the_contract_families() -> None:
     cells = text.upstream_cells(b)
     assert cells[:5] == ["quic://dns-b.test:853", "backoff", "87 ms", "5.0", "25.0%"]
     assert cells[-2:] == ["75.0% / 66.7%", "connect: connection refused"]
+    assert (snap.refused, snap.refused_rate, snap.fallback_routes) == (13, 3.0, ["corp.example."])
+    assert text.load_line(snap).endswith(
+        "; refused 3.0/s, 13 in all; fallback active for corp.example."
+    )
     # --json is the snapshot itself.
     decoded = json.loads(json.dumps(snap.to_json()))
     assert decoded["upstreams"][1]["state"] == "backoff"

@@ -22,8 +22,6 @@ from doqproxy.top.scrape import Labels, Scrape
 WINDOW = 60.0
 """Seconds of history kept for the "last minute" figures and the sparkline."""
 
-SampleKey = tuple[str, Labels]
-
 _UPSTREAM_PREFIX = "doqproxy_upstream_"
 
 
@@ -34,7 +32,8 @@ class Step:
     at: float
     """When the later scrape was taken (monotonic)."""
     seconds: float
-    deltas: Mapping[SampleKey, float]
+    deltas: Mapping[str, Mapping[Labels, float]]
+    """Growth of each counter series, by sample name and labels."""
 
 
 def restarted(before: Scrape, after: Scrape) -> bool:
@@ -43,19 +42,20 @@ def restarted(before: Scrape, after: Scrape) -> bool:
     return before.value(name) != after.value(name)
 
 
-def counter_deltas(before: Scrape, after: Scrape) -> dict[SampleKey, float]:
+def counter_deltas(before: Scrape, after: Scrape) -> dict[str, dict[Labels, float]]:
     """How much every counter series grew from ``before`` to ``after``; never negative.
 
     A series that is new in ``after`` grew from zero (labels appear with their
     first event); a series that shrank was reset, so it grew by its new value.
     """
     fresh = restarted(before, after)
-    out: dict[SampleKey, float] = {}
+    out: dict[str, dict[Labels, float]] = {}
     for name in after.counters:
         old_series: Mapping[Labels, float] = {} if fresh else before.series(name)
+        grown = out[name] = {}
         for labels, value in after.series(name).items():
             old = old_series.get(labels, 0.0)
-            out[(name, labels)] = value - old if value >= old else value
+            grown[labels] = value - old if value >= old else value
     return out
 
 
@@ -78,8 +78,8 @@ class Window:
     def grown(step: Step, name: str, where: Mapping[str, str]) -> float:
         return sum(
             delta
-            for (sample, labels), delta in step.deltas.items()
-            if sample == name and _matches(labels, where)
+            for labels, delta in step.deltas.get(name, {}).items()
+            if not where or _matches(labels, where)
         )
 
     def count(self, name: str, **where: str) -> float:
@@ -169,6 +169,11 @@ class Snapshot:
     servfail_reasons: list[EdeCount] = field(default_factory=list)
     in_flight: int | None = None
     queued: int | None = None
+    refused: int | None = None
+    """Queries refused before the resolver (ACL, rate limit, ...), where exported."""
+    refused_rate: float | None = None
+    fallback_routes: list[str] = field(default_factory=list)
+    """Routes answering from their fallback upstreams now."""
     upstreams: list[UpstreamRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -239,6 +244,11 @@ def snapshot(url: str, scrape: Scrape, window: Window) -> Snapshot:
     _servfail(snap, scrape, window)
     snap.in_flight = _int(scrape.value("doqproxy_in_flight_queries"))
     snap.queued = _int(scrape.value("doqproxy_upstream_queued_queries"))
+    if scrape.has("doqproxy_refused_total"):
+        snap.refused = _int(scrape.value("doqproxy_refused_total"))
+        snap.refused_rate = window.rate_now("doqproxy_refused_total")
+    active = scrape.by_label("doqproxy_fallback_active", "route")
+    snap.fallback_routes = [route for route, value in active.items() if value >= 1]
     snap.upstreams = [_upstream(name, scrape, window) for name in upstream_names(scrape)]
     total = sum(row.qps or 0.0 for row in snap.upstreams)
     for row in snap.upstreams:

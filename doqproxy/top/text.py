@@ -104,7 +104,12 @@ def servfail_line(snap: Snapshot) -> str:
 
 
 def load_line(snap: Snapshot) -> str:
-    return f"load      {count(snap.in_flight)} queries in flight, {count(snap.queued)} queued"
+    line = f"load      {count(snap.in_flight)} queries in flight, {count(snap.queued)} queued"
+    if snap.refused is not None:
+        line += f"; refused {rate(snap.refused_rate)}/s, {snap.refused} in all"
+    if snap.fallback_routes:
+        line += f"; fallback active for {', '.join(snap.fallback_routes)}"
+    return line
 
 
 def early(row: UpstreamRow) -> str:
