@@ -18,6 +18,8 @@ from doqproxy.top.scrape import Scrape, ScrapeError
 
 _STATE_STYLES = {"up": "green", "backoff": "red", "probing": "yellow", "fallback": "magenta"}
 _LEFT = {"upstream", "state", "last error"}
+_SHRINK = {"upstream": 24, "last error": 12}
+"""Columns that may be cut short, down to this many characters."""
 
 
 def screen(snap: Snapshot, status: str | None, interval: float) -> RenderableType:
@@ -33,13 +35,21 @@ def screen(snap: Snapshot, status: str | None, interval: float) -> RenderableTyp
         style="red" if snap.servfail_rate else None,
     )
     summary.append(text.load_line(snap))
+    rows = [text.upstream_cells(row) for row in snap.upstreams]
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for column in text.UPSTREAM_COLUMNS:
-        table.add_column(column, justify="left" if column in _LEFT else "right", no_wrap=True)
-    for row in snap.upstreams:
-        cells: list[RenderableType] = list(text.upstream_cells(row))
-        cells[1] = Text(str(cells[1]), style=_STATE_STYLES.get(row.state or "", ""))
-        table.add_row(*cells)
+    for index, column in enumerate(text.UPSTREAM_COLUMNS):
+        widest = max([len(column), *(len(cells[index]) for cells in rows)])
+        # On a narrow terminal the name and the error give way; the figures never do.
+        shrink = _SHRINK.get(column)
+        table.add_column(
+            column,
+            justify="left" if column in _LEFT else "right",
+            no_wrap=True,
+            min_width=widest if shrink is None else min(widest, shrink),
+        )
+    for row, cells in zip(snap.upstreams, rows, strict=True):
+        state = Text(cells[1], style=_STATE_STYLES.get(row.state or "", ""))
+        table.add_row(cells[0], state, *cells[2:])
     if status is not None:
         footer = Text(status, style="bold red")
     else:
