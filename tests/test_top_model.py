@@ -5,6 +5,9 @@ was captured from ``doqproxy forward --metrics-listen`` after eight queries
 (two cache hits, one NXDOMAIN, one SERVFAIL for a reset stream);
 ``forward-two-upstreams.txt`` is the same with a second upstream and the
 families of the metrics contract (several upstreams, fallback, refusals) added by hand.
+``forward-up1-two-upstreams.txt`` was captured from the several-upstreams branch
+(``up1``, before it had this branch's build info) forwarding to two test upstreams,
+the second stopped after the first 60 queries.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from doqproxy.top.scrape import Scrape, ScrapeError
 FIXTURES = Path(__file__).parent / "top_scrapes"
 ONE = (FIXTURES / "forward-0.1.0.txt").read_text()
 TWO = (FIXTURES / "forward-two-upstreams.txt").read_text()
+UP1 = (FIXTURES / "forward-up1-two-upstreams.txt").read_text()
 STARTED = 1796068031.9662693
 UPSTREAM = "quic://127.0.0.1:48002"
 
@@ -188,6 +192,20 @@ def test_several_upstreams_from_the_contract_families() -> None:
     # --json is the snapshot itself.
     decoded = json.loads(json.dumps(snap.to_json()))
     assert decoded["upstreams"][1]["state"] == "backoff"
+
+
+def test_a_real_several_upstreams_scrape() -> None:
+    snap = model.Monitor("http://x/metrics").update(parsed(UP1, at=0.0))
+    assert snap.version is None and snap.queries == 278 and snap.in_flight == 1
+    up, down = snap.upstreams
+    assert (up.name, down.name) == ("quic://127.0.0.1:49581", "quic://127.0.0.1:48590")
+    assert (up.state, down.state) == ("up", "backoff")
+    assert up.srtt_ms == pytest.approx(2.1956, abs=1e-3)
+    assert (up.connections, down.connections, up.streams) == (1, 0, 1)
+    assert up.last_error is None
+    assert down.last_error == "connect: connection failed: Connection refused"
+    assert down.failures == {"connect": 2}
+    assert snap.queued == 0 and snap.servfail == 0
 
 
 def test_not_a_forwarder() -> None:
