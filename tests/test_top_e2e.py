@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +20,9 @@ import dns.asyncquery
 import dns.message
 import dns.rcode
 import pytest
+
+from doqproxy.top import scrape
+from doqproxy.top.scrape import ScrapeError
 
 from .conftest import ProxyProcess, doqproxy_command, free_port
 from .doq_fixture import DoqTestUpstream
@@ -198,3 +203,30 @@ async def test_a_running_forwarder_does_not_import_rich(
     imports = [line for line in proxy.stderr().splitlines() if line.startswith("import time:")]
     assert any(line.endswith("| doqproxy.ops.metrics") for line in imports)
     assert not [line for line in imports if line.split("|")[-1].strip().startswith("rich")]
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (b"", "Remote end closed connection without response"),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n# TYPE doq", "IncompleteRead"),
+    ],
+)
+def test_a_forwarder_dying_mid_reply_is_a_scrape_error(reply: bytes, error: str) -> None:
+    """What a forwarder killed while answering a scrape looks like to ``fetch``."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(reply)
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        try:
+            with pytest.raises(ScrapeError, match=error):
+                scrape.fetch(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        finally:
+            thread.join(10)

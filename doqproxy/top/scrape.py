@@ -5,6 +5,7 @@ Everything except :func:`fetch` is pure, so tests feed it captured text.
 
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -112,7 +113,8 @@ def fetch(url: str, timeout: float) -> str:
         raise ScrapeError(str(reason)) from None
     except TimeoutError:
         raise ScrapeError(f"no answer within {timeout:g}s") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        # A forwarder killed mid-reply: reset, RemoteDisconnected, IncompleteRead.
         raise ScrapeError(str(exc) or type(exc).__name__) from None
 
 
