@@ -10,7 +10,9 @@ and copies dicts, both atomic under the GIL.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +26,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from doqproxy import __version__
 from doqproxy.cache.policy import AnswerCache
 from doqproxy.doq.server_rules import DoqServerStats
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
 from doqproxy.resolver import Resolver
+from doqproxy.upstream import doq_connection
 from doqproxy.upstream.pool import DoqUpstream
 
 _DOQ_CODES = {
@@ -63,6 +67,20 @@ def counters(
         yield metric
 
 
+def event_loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the event loop running in the calling thread."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return "none"
+    return "uvloop" if type(loop).__module__.partition(".")[0] == "uvloop" else "asyncio"
+
+
+def quic_engine() -> str:
+    """The QUIC library the DoQ client runs on (``QUIC_ENGINE`` where the client names one)."""
+    return str(getattr(doq_connection, "QUIC_ENGINE", "aioquic"))
+
+
 def close_code_label(code: int) -> str:
     """DoQ application codes by name; QUIC transport / TLS codes as hex."""
     if code in _DOQ_CODES:
@@ -75,8 +93,25 @@ class ForwardCollector(Collector):
 
     def __init__(self, sources: Sources) -> None:
         self.sources = sources
+        # Made on the event loop's thread just after start-up; scrapes run on another.
+        self.build = {
+            "version": __version__,
+            "event_loop": event_loop_name(),
+            "quic_engine": quic_engine(),
+        }
+        self.started = time.time()
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily(
+            "doqproxy_build_info", "Version, event loop and QUIC engine.", labels=list(self.build)
+        )
+        build.add_metric(list(self.build.values()), 1)
+        yield build
+        started = GaugeMetricFamily(
+            "doqproxy_start_time_seconds", "When the forwarder started, in seconds since the epoch."
+        )
+        started.add_metric([], self.started)
+        yield started
         yield from self._queries()
         yield from self._cache(self.sources.resolver().cache)
         yield from self._pool(self.sources.upstream())
@@ -99,6 +134,14 @@ class ForwardCollector(Collector):
         for labels, count in named.items():
             answers.add_metric(list(labels), count)
         yield answers
+        servfails = CounterMetricFamily(
+            "doqproxy_servfail",
+            "SERVFAIL answers by the EDE INFO-CODE doqproxy added (none: the upstream's own).",
+            labels=["ede"],
+        )
+        for ede, count in dict(stats.servfails).items():
+            servfails.add_metric(["none" if ede is None else str(int(ede))], count)
+        yield servfails
         yield from counters(
             "doqproxy_resolver",
             (
