@@ -32,9 +32,11 @@ def test_srtt_starts_at_the_first_sample_then_smooths() -> None:
     health = Health()
     health.sample(0.100, now=1.0)
     assert health.srtt == pytest.approx(0.100)
-    health.sample(0.020, now=2.0)
-    assert health.srtt == pytest.approx(0.100 + (0.020 - 0.100) / 8)
-    assert health.last_sample == 2.0
+    health.sample(0.200, now=2.0)
+    assert health.srtt == pytest.approx(0.100 + (0.200 - 0.100) / 8)  # rises slowly
+    health.sample(0.020, now=3.0)
+    assert health.srtt == pytest.approx(0.1125 + (0.020 - 0.1125) / 2)  # falls fast
+    assert health.last_sample == 3.0
 
 
 def test_slower_than_only_raises_the_estimate() -> None:
@@ -58,9 +60,11 @@ def test_hard_failure_backs_off_exponentially_then_probes() -> None:
     health.start_probe(13.5)
     health.failed(Reason.CONNECT, "refused", now=14.0)
     assert health.retry_at == 17.0  # capped at 3 s
+    health.srtt = 0.5  # inflated by the outage
     health.start_probe(17.0)
     health.answered(0.02, now=17.02)
     assert health.state is State.UP and health.backoffs == 0 and health.last_error == ""
+    assert health.srtt == pytest.approx(0.02)  # a fresh start, not smoothed into 0.5
     assert health.failure_count(Reason.CONNECT) == 2 and health.failure_count(Reason.TIMEOUT) == 1
 
 
@@ -157,7 +161,7 @@ def test_hedge_delay_is_three_srtt_clamped(srtt: float | None, delay: float) -> 
 def test_side_trips_probe_the_due_and_explore_the_stale() -> None:
     hs = healths(0.01, 0.02, 0.03, 0.04)
     for h in hs:
-        h.last_sample = 9.0
+        h.last_sample = 9.5
     hs[1].failed(Reason.TIMEOUT, "x", now=0.0)  # due at 1.0
     hs[2].last_sample = 0.0  # stale
     settings = SelectionSettings()

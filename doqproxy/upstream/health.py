@@ -55,10 +55,14 @@ class HealthSettings:
 
     backoff_base: float = 1.0
     """Seconds an upstream is skipped after its first failure."""
-    backoff_cap: float = 60.0
-    """The longest skip, however often the probes fail."""
+    backoff_cap: float = 10.0
+    """The longest skip, however often the probes fail (a probe costs clients nothing,
+    so it can be short: a recovered upstream is back within this long)."""
     alpha: float = 0.125
-    """Weight of a new RTT sample in the smoothed RTT (RFC 6298's 1/8)."""
+    """Weight of a new RTT sample above the smoothed RTT (RFC 6298's 1/8)."""
+    alpha_down: float = 0.5
+    """Weight of a sample below it: the estimate falls fast, so that a server that
+    is fast again (after a stall pushed its SRTT up) gets its traffic back soon."""
     probe_timeout: float = 10.0
     """A probe not settled after this long no longer blocks the next one."""
 
@@ -108,7 +112,9 @@ class Health:
         if self.srtt is None:
             self.srtt = rtt
         else:
-            self.srtt += self.settings.alpha * (rtt - self.srtt)
+            settings = self.settings
+            alpha = settings.alpha if rtt >= self.srtt else settings.alpha_down
+            self.srtt += alpha * (rtt - self.srtt)
         self.last_sample = now
 
     def slower_than(self, elapsed: float, now: float) -> None:
@@ -122,12 +128,17 @@ class Health:
             self.sample(elapsed, now)
 
     def answered(self, rtt: float, now: float) -> None:
-        """A usable answer (neither SERVFAIL nor REFUSED) after ``rtt`` seconds."""
-        self.sample(rtt, now)
-        self.soft_streak = 0
+        """A usable answer (neither SERVFAIL nor REFUSED) after ``rtt`` seconds.
+
+        The first answer after a backoff replaces the SRTT instead of smoothing
+        into it: the old figure describes the outage, not the server.
+        """
         if self.state is not State.UP:
+            self.srtt = None
             self.state = State.UP
             self.last_error = ""
+        self.sample(rtt, now)
+        self.soft_streak = 0
         self.backoffs = 0
 
     def failed(self, reason: Reason, message: str, now: float) -> None:

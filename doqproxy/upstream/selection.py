@@ -42,7 +42,7 @@ class SelectionSettings:
     hedge_factor: float = 3.0
     hedge_min: float = 0.05
     hedge_max: float = 0.5
-    explore_interval: float = 2.0
+    explore_interval: float = 1.0
     """Seconds after which an upstream's RTT is measured again with a side trip."""
 
 
