@@ -141,7 +141,12 @@ async def serve(
             warm_up(member.upstream.configuration)
             break
     upstream.start()
-    resolver = Resolver(upstream, timeout=settings.timeout, cache=make_cache(settings.cache))
+    resolver = Resolver(
+        upstream,
+        timeout=settings.timeout,
+        cache=make_cache(settings.cache, max_udp=settings.max_udp_size),
+        max_udp=settings.max_udp_size,
+    )
     front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()
     tcp_front = TcpFrontEnd(front_resolver, inflight, settings.tcp)

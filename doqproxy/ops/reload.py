@@ -89,6 +89,9 @@ class Reloader:
                 new.selection.strategy,
             )
         self.resolver.timeout = new.timeout
+        self.resolver.max_udp = new.max_udp_size
+        if cache is not None:
+            cache.max_udp = new.max_udp_size
         self.ops.set_verbose(new.ops.verbose)
         self.settings = new
         self.generation += 1
