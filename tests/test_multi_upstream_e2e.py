@@ -28,6 +28,7 @@ from bench.relay import Relay
 
 from .conftest import SERVER_NAME, Certs, ProxyProcess, doqproxy_command, free_port
 from .doq_fixture import DoqTestUpstream
+from .test_operations import scrape
 
 RTTS_MS = (5.0, 20.0, 60.0)
 
@@ -213,8 +214,18 @@ async def test_failover_follows_the_order_given(rig: Rig) -> None:
 
 
 async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
-    proxy = rig.start("--timeout", "2")
+    metrics_port = free_port()
+    proxy = rig.start("--timeout", "2", "--metrics-listen", f"127.0.0.1:{metrics_port}")
     assert (await ask(proxy.port, "a.test.")).rcode() == dns.rcode.NOERROR
+    await run(proxy, "up", 5)
+    before = await scrape(metrics_port)
+    fast = (("upstream", rig.paths[0].url),)
+    assert before[("doqproxy_upstream_answers_total", fast)] >= 5
+    assert before[("doqproxy_upstream_queries_sent_total", fast)] >= 6
+    assert before[("doqproxy_upstream_state", (("state", "up"), *fast))] == 1
+    assert before[("doqproxy_upstream_state", (("state", "backoff"), *fast))] == 0
+    assert 0 < before[("doqproxy_upstream_srtt_seconds", fast)] < 1
+    assert ("doqproxy_upstream_queued_queries", fast) in before
     for path in rig.paths:
         path.blackhole()
     started = time.monotonic()
@@ -229,6 +240,17 @@ async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
     for path in rig.paths:
         assert f"127.0.0.1:{path.port}" in text, text
     assert "all 3 failed" in text
+    after = await scrape(metrics_port)
+    for path in rig.paths:
+        label = (("upstream", path.url),)
+        failures = ("doqproxy_upstream_failures_total", (("reason", "timeout"), *label))
+        assert after[failures] >= 1, path.url
+        assert after[("doqproxy_upstream_state", (("state", "backoff"), *label))] == 1
+        errors = [
+            k for k in after if k[0] == "doqproxy_upstream_last_error_info" and label[0] in k[1]
+        ]
+        assert errors and "no answer within" in dict(errors[0][1])["error"]
+    assert sum(v for k, v in after.items() if k[0] == "doqproxy_upstream_hedged_total") >= 2
 
 
 async def test_restart_first_query_goes_to_the_fastest_as_0rtt(rig: Rig) -> None:
