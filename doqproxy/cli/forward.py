@@ -13,8 +13,9 @@ from doqproxy import forwarder
 from doqproxy.cli import config
 from doqproxy.cli.cache_options import cache_options, cache_settings
 from doqproxy.cli.pool_options import pool_options, pool_settings
+from doqproxy.cli.upstream_options import upstream_options, upstream_settings
 from doqproxy.frontend.tcp import TcpLimits
-from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
+from doqproxy.net.addresses import AddressError, parse_listen
 from doqproxy.net.sockets import ListenError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
@@ -33,13 +34,7 @@ from doqproxy.settings import ForwardSettings
     metavar="ADDR:PORT",
     help="Address for UDP and TCP; repeatable. IPv6 as [::1]:5353.",
 )
-@click.option(
-    "-u",
-    "--upstream",
-    required=True,
-    metavar="quic://HOST[:PORT]",
-    help="The DoQ server; HOST is a name or an IP literal, the port defaults to 853.",
-)
+@upstream_options
 @click.option("--tls-ca-file", metavar="PATH", help="Trust these CAs instead of the system store.")
 @click.option(
     "--tls-server-name",
@@ -109,7 +104,6 @@ from doqproxy.settings import ForwardSettings
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
-    upstream: str,
     tls_ca_file: str | None,
     tls_server_name: str | None,
     timeout: float,
@@ -125,17 +119,18 @@ def forward(
     verbose: int,
     **options: Any,
 ) -> None:
-    """Forward plain DNS (UDP and TCP) to a DNS-over-QUIC upstream.
+    """Forward plain DNS (UDP and TCP) to DNS-over-QUIC upstreams.
 
     \b
-    Example:
+    Examples:
       doqproxy forward -l 127.0.0.1:5353 -u quic://dns.adguard-dns.com
+      doqproxy forward -u quic://dns.adguard-dns.com -u quic://dns.nextdns.io
     """
     try:
-        url = parse_upstream(upstream, ("quic",))
         addresses = tuple(parse_listen(text) for text in listen)
     except AddressError as exc:
         raise click.ClickException(str(exc)) from None
+    upstreams, selection = upstream_settings(options, check_ca_file)
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
     try:
@@ -147,7 +142,8 @@ def forward(
         listen=addresses,
         pool=pool,
         state_dir=state_dir,
-        upstream=url,
+        upstreams=upstreams,
+        selection=selection,
         tls_ca_file=tls_ca_file,
         tls_server_name=tls_server_name,
         timeout=timeout,

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aioquic.quic.configuration import QuicConfiguration
@@ -111,6 +112,8 @@ class DoqUpstream:
         self._preparing: asyncio.Future[DoqConnection] | None = None
         self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
+        self.on_handshake: Callable[[float], None] | None = None
+        """Called with the network RTT (seconds) measured by each completed handshake."""
 
     async def query(self, message: bytes, question: Question) -> bytes:
         early = self.settings.zero_rtt and question.opcode in REPLAYABLE_OPCODES
@@ -155,6 +158,11 @@ class DoqUpstream:
     @property
     def in_flight(self) -> int:
         return sum(conn.in_flight for conn in self._connections)
+
+    @property
+    def queued_now(self) -> int:
+        """Queries waiting for capacity right now."""
+        return len(self._waiters)
 
     # --- choosing and opening connections -----------------------------------------
 
@@ -344,6 +352,10 @@ class DoqUpstream:
         stats.sessions_resumed += bool(info.session_resumed)
         stats.early_data_sent += info.early_data_sent
         stats.early_data_accepted += bool(info.early_data_accepted)
+        if self.on_handshake is not None:
+            loss = conn.quic._loss
+            if loss._rtt_initialized:
+                self.on_handshake(loss._rtt_smoothed)
 
     def _on_credit(self, conn: DoqConnection) -> None:
         """More queries fit on ``conn``: wake as many of those queued for capacity."""
