@@ -13,6 +13,7 @@ from doqproxy.cache.policy import CacheSettings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import HostPort, UpstreamUrl
 from doqproxy.ops.control import OpsSettings
+from doqproxy.routing.routes import RoutingSettings
 from doqproxy.upstream.pool import PoolSettings
 
 
@@ -30,3 +31,5 @@ class ForwardSettings:
     """Where session tickets persist; ``None`` keeps them in memory only."""
     ops: OpsSettings = field(default_factory=OpsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    """Routes, local zones, bootstrap, pinned addresses and SPKI pins, fallback."""

@@ -10,9 +10,10 @@ import dns.reversename
 import pytest
 
 from doqproxy.dns import wire
+from doqproxy.dns.padding import repad
 from doqproxy.routing.local_zones import DEFAULT_ZONES, LocalZones
 from doqproxy.routing.names import suffixes, to_text, to_wire
-from doqproxy.routing.router import affected, changed_domains, repad
+from doqproxy.routing.router import affected, changed_domains
 from doqproxy.routing.routes import (
     RouteError,
     RouteSpec,

@@ -86,6 +86,7 @@ def read_file(path: str, command: click.Command, ctx: click.Context) -> dict[str
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     raw = _flatten_upstream(path, raw)
+    raw = _flatten_routes(path, raw)
     params = file_params(command)
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -129,6 +130,13 @@ def _flatten_upstream(path: str, raw: dict[str, Any]) -> dict[str, Any]:
     if "upstream" not in flat:
         raise ConfigError(f'{path}: [[upstream]] needs url = "quic://HOST[:PORT]"')
     return flat
+
+
+def _flatten_routes(path: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """``[[route]]`` tables become ``route`` entries (see cli/route_options.py)."""
+    from doqproxy.cli.route_options import flatten_route_tables
+
+    return flatten_route_tables(path, raw)
 
 
 def _suggest(key: str, params: dict[str, click.Option]) -> str:

@@ -12,6 +12,7 @@ from doqproxy import forwarder
 from doqproxy.cli import config
 from doqproxy.cli.cache_options import cache_options, cache_settings
 from doqproxy.cli.pool_options import pool_options, pool_settings
+from doqproxy.cli.route_options import route_options, routing_settings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
 from doqproxy.net.sockets import ListenError
@@ -98,6 +99,7 @@ from doqproxy.settings import ForwardSettings
 )
 @pool_options
 @cache_options
+@route_options
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
@@ -153,6 +155,7 @@ def forward(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
         cache=cache_settings(options),
+        routing=routing_settings(options),
     )
     if config.deliver(settings):  # check-config or a reload: settings only
         return

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
-from doqproxy.dns import wire
+from doqproxy.dns.padding import repad
 from doqproxy.dns.wire import Question
 from doqproxy.routing.names import to_text, to_wire
 from doqproxy.routing.routes import RouteTable
@@ -54,20 +54,6 @@ class Router:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(upstream.aclose() for upstream in self.upstreams()))
-
-
-def repad(message: bytes, block: int | None) -> bytes:
-    """``message`` with its padding replaced by padding to ``block`` (or none)."""
-    question = wire.parse_question(message)
-    edns = question.edns
-    if edns is None:
-        return message  # the resolver adds OPT whenever it pads, so nothing to strip
-    options = [opt for opt in edns.options if opt[0] != wire.OPTION_PADDING]
-    if block:
-        base = len(message) - (edns.end - edns.start) + 11 + sum(4 + len(v) for _, v in options)
-        options.append(wire.padding_option(base, block))
-    opt = wire.encode_opt(edns.payload, options, flags=edns.flags, version=edns.version)
-    return wire.replace_opt(message, edns, opt)
 
 
 def changed_domains(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:

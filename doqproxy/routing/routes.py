@@ -106,3 +106,29 @@ class RouteTable(Generic[T]):
     def domains(self) -> list[str]:
         """Every route's domain as text, the root included."""
         return [to_text(domain) for domain in self._routes]
+
+
+@dataclass(slots=True, frozen=True)
+class RoutingSettings:
+    """Routes, locally served names, bootstrap, pinned addresses and fallback."""
+
+    routes: tuple[RouteSpec, ...] = ()
+    local_zones: bool = True
+    fallback: tuple[str, ...] = ()
+    """Upstreams used only while a route's DoQ upstreams all fail."""
+    bootstrap: tuple[str, ...] = ()
+    """``IP:PORT`` of plain DNS servers that resolve upstream host names."""
+    addresses: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Host name → pinned IP addresses (used instead of resolving it)."""
+    pins: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Host name → accepted SPKI SHA-256 digests (base64)."""
+
+    def route_map(self) -> dict[str, tuple[str, ...]]:
+        """Domain → its upstreams as given."""
+        return {domain: spec.upstreams for spec in self.routes for domain in spec.domains}
+
+    def addresses_for(self, host: str) -> tuple[str, ...]:
+        return dict(self.addresses).get(host.lower().rstrip("."), ())
+
+    def pins_for(self, host: str) -> tuple[str, ...]:
+        return dict(self.pins).get(host.lower().rstrip("."), ())

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aioquic.quic.configuration import QuicConfiguration
@@ -91,8 +92,13 @@ class DoqUpstream:
         settings: PoolSettings = PoolSettings(),
         *,
         tickets: TicketFile | None = None,
+        resolve: Callable[[str, int], Awaitable[list[tuple[str, int]]]] | None = None,
+        pins: tuple[str, ...] = (),
     ) -> None:
         self.url = url
+        self.resolver = resolve
+        """Bootstrap lookup (upstream/bootstrap.py); ``None`` uses the system resolver."""
+        self.pins = pins
         self.name = str(url)
         self.settings = settings
         self.pad_block = settings.pad_block
@@ -242,6 +248,7 @@ class DoqUpstream:
         )
         conn.dead_after = self.settings.dead_after
         conn.handshake_timeout = self.settings.handshake_timeout
+        conn.pins = self.pins
         try:
             await conn.open()
         except OSError as exc:  # network down, no IPv6 route, ...
@@ -318,6 +325,15 @@ class DoqUpstream:
         host, port = self.url.host, self.url.port
         if self.url.is_ip:
             return host, port
+        if self.resolver is not None:
+            try:
+                addresses = await self.resolver(host, port)
+            except UpstreamError as exc:
+                self._backoff.failed(time.monotonic())
+                self._last_error = str(exc)
+                raise UpstreamError(self._last_error, Ede.NO_REACHABLE_AUTHORITY) from None
+            # The next after a failed one: a failed handshake rotates the list.
+            return addresses[self.stats.connect_failures % len(addresses)]
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
