@@ -19,7 +19,11 @@ from doqproxy.ops.control import Operations
 from doqproxy.ops.reload import Reloader
 from doqproxy.ops.systemd import Activated
 from doqproxy.resolver import Resolver
+from doqproxy.routing.build import RouteBuilder, fallbacks_of
+from doqproxy.routing.router import Router, affected, changed_domains
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.base import Upstream
+from doqproxy.upstream.bootstrap import Bootstrap
 from doqproxy.upstream.doq_connection import client_configuration, warm_up
 from doqproxy.upstream.pool import DoqUpstream
 from doqproxy.upstream.tickets import TicketFile
@@ -57,7 +61,86 @@ def make_upstream(settings: ForwardSettings) -> DoqUpstream:
     pool = dataclasses.replace(settings.pool, handshake_timeout=settings.timeout)
     if not settings.padding:
         pool = dataclasses.replace(pool, pad_block=None)
-    return DoqUpstream(url, configuration, pool, tickets=TicketFile(settings.state_dir))
+    routing = settings.routing
+    bootstrap = Bootstrap(routing.bootstrap, pinned=dict(routing.addresses))
+    return DoqUpstream(
+        url,
+        configuration,
+        pool,
+        tickets=TicketFile(settings.state_dir),
+        resolve=bootstrap.resolve,
+        pins=routing.pins_for(server_name) or routing.pins_for(url.host),
+    )
+
+
+# --- routes, locally served names and fallback (issue 11 part B) --------------------
+
+
+class Routes:
+    """The routing in force: builds the resolver's upstream around the default one,
+    sets the locally served zones, and on reload drops the cache entries of names
+    whose route changed and closes the upstreams no route uses any more."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+        self.builder: RouteBuilder | None = None
+        self.specs: dict[str, str] = {}
+        self.fallbacks: list[object] = []
+
+    def apply(self, settings: ForwardSettings, default: Upstream) -> Upstream:
+        """The upstream the resolver should ask (before the ops wrapper)."""
+        pool = (
+            settings.pool
+            if settings.padding
+            else dataclasses.replace(settings.pool, pad_block=None)
+        )
+        builder = RouteBuilder(
+            settings.routing, ca_file=settings.tls_ca_file, pool=pool, timeout=settings.timeout
+        )
+        old = self.builder
+        if old is not None and (old.routing, old.ca_file, old.pool, old.timeout) == (
+            builder.routing,
+            builder.ca_file,
+            builder.pool,
+            builder.timeout,
+        ):
+            builder.made = dict(old.made)
+            builder.bootstrap = old.bootstrap
+        routed, local = builder.build(default)
+        # The default route is "the -u upstreams": changing them keeps the cache,
+        # as before routes existed; only a change of routes drops entries.
+        specs = {".": "-u", **(routed.specs if isinstance(routed, Router) else {})}
+        self.resolver.local = local if local else None
+        cache = self.resolver.cache
+        if old is not None and cache is not None:
+            changed = changed_domains(self.specs, specs)
+            if changed:
+                dropped = cache.drop_names(affected(changed, {**self.specs, **specs}))
+                log.warning("reload: routes changed for %s; %d cached entries dropped",
+                            ", ".join(changed), dropped)  # fmt: skip
+        if old is not None and old is not builder:
+            for upstream in old.unused(builder):
+                _close_later(upstream, settings.timeout)
+        self.builder, self.specs = builder, specs
+        self.fallbacks = list(fallbacks_of(routed))
+        return routed
+
+    async def aclose(self) -> None:
+        if self.builder is not None:
+            await self.builder.aclose()
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_later(upstream: Upstream, grace: float) -> None:
+    async def close() -> None:
+        await asyncio.sleep(grace)
+        await upstream.aclose()
+
+    task = asyncio.get_running_loop().create_task(close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 async def serve(
@@ -76,9 +159,10 @@ async def serve(
     upstream = make_upstream(settings)
     warm_up(upstream.configuration)
     upstream.start()
-    resolver = Resolver(
-        ops.wrap_upstream(upstream), timeout=settings.timeout, cache=make_cache(settings.cache)
-    )
+    resolver = Resolver(upstream, timeout=settings.timeout, cache=make_cache(settings.cache))
+    routes = Routes(resolver)
+    resolver.upstream = ops.wrap_upstream(routes.apply(settings, upstream))
+    ops.fallbacks = lambda: routes.fallbacks
     front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()
     tcp_front = TcpFrontEnd(front_resolver, inflight, settings.tcp)
@@ -101,7 +185,7 @@ async def serve(
     )
     reloader = None
     if reload is not None:
-        reloader = Reloader(settings, reload, make_upstream, ops, resolver)
+        reloader = Reloader(settings, reload, make_upstream, ops, resolver, route=routes.apply)
         ops.on_reload = reloader
     # Everything allocated so far lives as long as the process: keep it out of the
     # collector's way, so that full collections stay short (tail latency).
@@ -133,6 +217,9 @@ async def serve(
     await ops.close()
     await resolver.aclose()
     await (ops.upstream or upstream).aclose()
+    await routes.aclose()
+    for task in list(_closing):
+        task.cancel()
     return status
 
 

@@ -12,14 +12,22 @@ from doqproxy import forwarder
 from doqproxy.cli import config
 from doqproxy.cli.cache_options import cache_options, cache_settings
 from doqproxy.cli.pool_options import pool_options, pool_settings
-from doqproxy.cli.route_options import route_options, routing_settings
+from doqproxy.cli.route_options import (
+    route_options,
+    routing_settings,
+    upstream_names,
+    with_stamp_addresses,
+)
 from doqproxy.frontend.tcp import TcpLimits
-from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
+from doqproxy.net.addresses import AddressError, parse_listen
 from doqproxy.net.sockets import ListenError
+from doqproxy.net.stamps import StampError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
 from doqproxy.ops.privileges import PrivilegeError, drop_privileges
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.bootstrap import BootstrapError, check_no_loop
+from doqproxy.upstream.targets import parse_target
 
 
 @click.command(cls=config.ConfigCommand)
@@ -37,8 +45,9 @@ from doqproxy.settings import ForwardSettings
     "-u",
     "--upstream",
     required=True,
-    metavar="quic://HOST[:PORT]",
-    help="The DoQ server; HOST is a name or an IP literal, the port defaults to 853.",
+    metavar="quic://HOST[:PORT]|sdns://...",
+    help="The DoQ server; HOST is a name or an IP literal, the port defaults to 853. "
+    "A DNS stamp (sdns://) works too.",
 )
 @click.option("--tls-ca-file", metavar="PATH", help="Trust these CAs instead of the system store.")
 @click.option(
@@ -125,9 +134,10 @@ def forward(
       doqproxy forward -l 127.0.0.1:5353 -u quic://dns.adguard-dns.com
     """
     try:
-        url = parse_upstream(upstream, ("quic",))
+        target = parse_target(upstream, ("quic",))
+        url = target.url
         addresses = tuple(parse_listen(text) for text in listen)
-    except AddressError as exc:
+    except (AddressError, StampError) as exc:
         raise click.ClickException(str(exc)) from None
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
@@ -155,10 +165,18 @@ def forward(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
         cache=cache_settings(options),
-        routing=routing_settings(options),
+        routing=with_stamp_addresses(routing_settings(options), target),
     )
     if config.deliver(settings):  # check-config or a reload: settings only
         return
+    try:
+        check_no_loop(
+            upstream_names(settings),
+            [(a.host, a.port) for a in settings.listen],
+            bootstrap=bool(settings.routing.bootstrap),
+        )
+    except BootstrapError as exc:
+        raise click.ClickException(str(exc)) from None
     process.setup_logging(verbose)
     try:
         sockets = systemd.listen_sockets() or forwarder.bind_all(settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ from doqproxy.routing.routes import (
     parse_route,
     route_from_table,
 )
-from doqproxy.upstream.targets import parse_target
+from doqproxy.upstream.targets import Target, parse_target
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -149,6 +150,26 @@ def _host_map(
             raise click.ClickException(f"{flag} {text!r}: {exc}") from None
         found.setdefault(host.lower().rstrip("."), []).extend(items)
     return tuple((host, tuple(items)) for host, items in found.items())
+
+
+def with_stamp_addresses(routing: RoutingSettings, target: Target) -> RoutingSettings:
+    """Add the address a stamp given as ``-u`` carries, unless the host is pinned already."""
+    host = target.url.host.lower().rstrip(".")
+    if not target.addresses or routing.addresses_for(host):
+        return routing
+    return dataclasses.replace(routing, addresses=(*routing.addresses, (host, target.addresses)))
+
+
+def upstream_names(settings: Any) -> list[str]:
+    """Host names of the encrypted upstreams that will need a lookup (no pinned address)."""
+    routing: RoutingSettings = settings.routing
+    texts = [text for spec in routing.routes for text in spec.upstreams] + list(routing.fallback)
+    hosts = [settings.upstream.host]
+    for text in texts:
+        target = parse_target(text, ROUTE_SCHEMES)
+        if target.scheme != "udp" and not target.addresses:
+            hosts.append(target.url.host)
+    return [h for h in hosts if not routing.addresses_for(h)]
 
 
 def flatten_route_tables(path: str, raw: dict[str, Any]) -> dict[str, Any]:

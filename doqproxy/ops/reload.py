@@ -16,11 +16,18 @@ from collections.abc import Callable
 from doqproxy.ops.control import Operations
 from doqproxy.resolver import Resolver
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.pool import DoqUpstream
 
 log = logging.getLogger(__name__)
 
 _UPSTREAM_FIELDS = ("upstream", "tls_ca_file", "tls_server_name", "padding", "pool")
+
+
+def _lookup_inputs(settings: ForwardSettings) -> tuple[object, ...]:
+    """What the default upstream's address lookup and pinning depend on."""
+    routing = settings.routing
+    return routing.bootstrap, routing.addresses, routing.pins
 
 
 class Reloader:
@@ -34,7 +41,11 @@ class Reloader:
         make_upstream: Callable[[ForwardSettings], DoqUpstream],
         ops: Operations,
         resolver: Resolver,
+        *,
+        route: Callable[[ForwardSettings, Upstream], Upstream] | None = None,
     ) -> None:
+        self.route = route
+        """Wraps the default upstream in the routes (forwarder.Routes.apply)."""
         self.settings = settings
         self.load = load
         self.make_upstream = make_upstream
@@ -49,7 +60,9 @@ class Reloader:
         try:
             new = self.load()
             upstream = None
-            if any(getattr(new, name) != getattr(old, name) for name in _UPSTREAM_FIELDS):
+            if any(getattr(new, name) != getattr(old, name) for name in _UPSTREAM_FIELDS) or (
+                _lookup_inputs(new) != _lookup_inputs(old)
+            ):
                 upstream = self.make_upstream(new)
         except Exception as exc:  # whatever the loader raises, the old config stays
             log.error("reload failed, keeping the old configuration: %s", exc)
@@ -66,10 +79,13 @@ class Reloader:
         if upstream is not None:
             previous = self.ops.upstream
             self.ops.upstream = upstream
-            self.resolver.upstream = self.ops.wrap_upstream(upstream)
+            routed = self.route(new, upstream) if self.route is not None else upstream
+            self.resolver.upstream = self.ops.wrap_upstream(routed)
             if previous is not None:
                 self._retire(previous, grace=old.timeout)
             log.warning("reload: now forwarding to %s", upstream.name)
+        elif new.routing != old.routing and self.route is not None and self.ops.upstream:
+            self.resolver.upstream = self.ops.wrap_upstream(self.route(new, self.ops.upstream))
         self.resolver.timeout = new.timeout
         self.ops.set_verbose(new.ops.verbose)
         self.settings = new

@@ -3,7 +3,6 @@ query to its route's upstream, chosen by the longest matching suffix of the name
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 
 from doqproxy.dns.padding import repad
@@ -53,7 +52,8 @@ class Router:
         return found
 
     async def aclose(self) -> None:
-        await asyncio.gather(*(upstream.aclose() for upstream in self.upstreams()))
+        """Nothing to do: the routes' upstreams belong to whoever made them
+        (:class:`~doqproxy.routing.build.RouteBuilder`, the forwarder)."""
 
 
 def changed_domains(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:

@@ -72,11 +72,9 @@ class FallbackUpstream:
         return await self._fallback(message, question)
 
     async def aclose(self) -> None:
+        """Stop probing; the primary and the fallbacks belong to whoever made them."""
         for task in list(self._probes):
             task.cancel()
-        await asyncio.gather(
-            self.primary.aclose(), *(f.aclose() for f in self.fallbacks), return_exceptions=True
-        )
 
     def _switch(self, to_fallback: bool, reason: str) -> None:
         self.active = to_fallback
