@@ -159,7 +159,12 @@ async def serve(
     upstream = make_upstream(settings)
     warm_up(upstream.configuration)
     upstream.start()
-    resolver = Resolver(upstream, timeout=settings.timeout, cache=make_cache(settings.cache))
+    resolver = Resolver(
+        upstream,
+        timeout=settings.timeout,
+        cache=make_cache(settings.cache, max_udp=settings.max_udp_size),
+        max_udp=settings.max_udp_size,
+    )
     routes = Routes(resolver)
     resolver.upstream = ops.wrap_upstream(routes.apply(settings, upstream))
     ops.fallbacks = lambda: routes.fallbacks

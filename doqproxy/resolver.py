@@ -75,9 +75,12 @@ class Resolver:
         timeout: float = 5.0,
         opcodes: frozenset[int] = frozenset({wire.OPCODE_QUERY}),
         cache: AnswerCache | None = None,
+        max_udp: int = wire.DEFAULT_MAX_UDP,
         local: LocalZones | None = None,
     ) -> None:
         self.upstream = upstream
+        self.max_udp = max_udp
+        """The largest UDP reply (``--max-udp-size``); the cache, if any, has the same."""
         self.local = local
         """Names answered here (localhost., private reverse zones, ...); swapped on reload."""
         self.timeout = timeout
@@ -124,7 +127,7 @@ class Resolver:
             return verdict.reply
         local = self.local
         if local:
-            reply = local.reply(verdict)
+            reply = local.reply(verdict, payload=self.max_udp)
             if reply is not None:
                 self.stats.local += 1
                 rcode = wire.get_rcode(reply)
@@ -186,7 +189,9 @@ class Resolver:
     def _reply(self, outcome: Outcome, question: Question, *, udp: bool) -> bytes:
         if isinstance(outcome, Failure):
             return self._failure(question, outcome.reason, outcome.ede)
-        reply = rewrite.client_reply(outcome.response, outcome.parsed, question, udp=udp)
+        reply = rewrite.client_reply(
+            outcome.response, outcome.parsed, question, udp=udp, max_udp=self.max_udp
+        )
         rcode = wire.get_rcode(reply)
         self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
         return reply
@@ -223,4 +228,6 @@ class Resolver:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
         log.warning("SERVFAIL for %s: %s", wire.name_text(question.qname), reason)
-        return wire.error_reply(question, wire.RCODE_SERVFAIL, ede=(ede, reason[:200]))
+        return wire.error_reply(
+            question, wire.RCODE_SERVFAIL, payload=self.max_udp, ede=(ede, reason[:200])
+        )

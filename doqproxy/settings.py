@@ -25,6 +25,8 @@ class ForwardSettings:
     tls_server_name: str | None = None
     timeout: float = 5.0
     padding: bool = True
+    max_udp_size: int = 1232
+    """The largest UDP reply, and the payload size our OPT advertises."""
     tcp: TcpLimits = field(default_factory=TcpLimits)
     pool: PoolSettings = field(default_factory=PoolSettings)
     state_dir: Path | None = None

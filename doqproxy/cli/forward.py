@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any
 
@@ -24,7 +25,7 @@ from doqproxy.net.sockets import ListenError
 from doqproxy.net.stamps import StampError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
-from doqproxy.ops.privileges import PrivilegeError, drop_privileges
+from doqproxy.ops.privileges import PrivilegeError, drop_privileges, prepare_state_dir
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.bootstrap import BootstrapError, check_no_loop
 from doqproxy.upstream.targets import parse_target
@@ -63,6 +64,13 @@ from doqproxy.upstream.targets import parse_target
     help="Seconds before an unanswered query gets SERVFAIL.",
 )
 @click.option("--no-padding", is_flag=True, help="Do not pad queries (RFC 8467).")
+@click.option(
+    "--max-udp-size",
+    type=click.IntRange(512, 65535),
+    default=1232,
+    show_default=True,
+    help="Largest UDP reply; larger answers get TC=1 so the client retries over TCP.",
+)
 @click.option(
     "--tcp-idle-timeout",
     type=click.FloatRange(min=0.1),
@@ -117,6 +125,7 @@ def forward(
     tls_server_name: str | None,
     timeout: float,
     no_padding: bool,
+    max_udp_size: int,
     tcp_idle_timeout: float,
     tcp_message_timeout: float,
     tcp_max_connections: int,
@@ -155,6 +164,7 @@ def forward(
         tls_server_name=tls_server_name,
         timeout=timeout,
         padding=not no_padding,
+        max_udp_size=max_udp_size,
         tcp=TcpLimits(
             idle_timeout=tcp_idle_timeout,
             message_timeout=tcp_message_timeout,
@@ -188,6 +198,12 @@ def forward(
         if metrics_address is not None:
             importlib.import_module("doqproxy.ops.metrics")  # before root's files are out of reach
         try:
+            if settings.state_dir is not None and os.geteuid() == 0:
+                problem = prepare_state_dir(
+                    settings.state_dir, user, default=options.get("state_dir") is None
+                )
+                if problem is not None:
+                    logging.getLogger("doqproxy").warning("%s", problem)
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None

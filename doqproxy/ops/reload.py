@@ -87,6 +87,9 @@ class Reloader:
         elif new.routing != old.routing and self.route is not None and self.ops.upstream:
             self.resolver.upstream = self.ops.wrap_upstream(self.route(new, self.ops.upstream))
         self.resolver.timeout = new.timeout
+        self.resolver.max_udp = new.max_udp_size
+        if cache is not None:
+            cache.max_udp = new.max_udp_size
         self.ops.set_verbose(new.ops.verbose)
         self.settings = new
         self.generation += 1

@@ -144,18 +144,19 @@ class LocalZones:
                 found = suffix
         return found
 
-    def reply(self, question: Question) -> bytes | None:
-        """The answer to ``question`` if a local zone serves it, else ``None``."""
+    def reply(self, question: Question, *, payload: int = 1232) -> bytes | None:
+        """The answer to ``question`` if a local zone serves it, else ``None``;
+        ``payload`` is the UDP size our OPT record advertises."""
         if question.qclass != CLASS_IN or question.opcode != wire.OPCODE_QUERY:
             return None
         apex = self.zone_of(question.qname)
         if apex is None:
             return None
         zone = self._zones[apex]
-        return _answer(question, zone)
+        return _answer(question, zone, payload)
 
 
-def _answer(question: Question, zone: _Zone) -> bytes:
+def _answer(question: Question, zone: _Zone, payload: int) -> bytes:
     qname = question.qname
     name = qname.lower()
     apex_at = wire.HEADER_LEN + len(qname) - len(zone.apex)
@@ -174,7 +175,7 @@ def _answer(question: Question, zone: _Zone) -> bytes:
     authority = [] if answers else [_record(apex_at, wire.TYPE_SOA, _SOA_RDATA)]
     opt = b""
     if question.edns is not None:
-        opt = wire.encode_opt(1232, flags=question.edns.flags & wire.EDNS_DO)
+        opt = wire.encode_opt(payload, flags=question.edns.flags & wire.EDNS_DO)
     header = wire.response_header(
         question,
         rcode,
