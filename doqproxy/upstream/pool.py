@@ -106,6 +106,10 @@ class DoqUpstream:
         self.tickets = tickets if tickets is not None else TicketFile(None)
         self._configuration = dataclasses.replace(configuration, idle_timeout=settings.idle_timeout)
         self._key = upstream_key(configuration.server_name or url.host, url.host, url.port)
+        if pins:
+            # A resumed session shows no certificate: only sessions that passed
+            # these very pins may be resumed.
+            self._key += " pins=" + ",".join(sorted(pins))
         self._connections: list[DoqConnection] = []
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._backoff = pool_policy.Backoff()
