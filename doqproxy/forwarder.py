@@ -69,6 +69,7 @@ def make_upstream(settings: ForwardSettings) -> DoqUpstream:
         pool,
         tickets=TicketFile(settings.state_dir),
         resolve=bootstrap.resolve,
+        forget=bootstrap.failed,
         pins=routing.pins_for(server_name) or routing.pins_for(url.host),
     )
 

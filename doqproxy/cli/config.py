@@ -117,8 +117,9 @@ def _flatten_upstream(path: str, raw: dict[str, Any]) -> dict[str, Any]:
             f"{path}: {len(tables)} [[upstream]] tables, but forward uses exactly one upstream "
             "for now; keep one"
         )
-    table = tables[0]
+    table = dict(tables[0])
     flat = {k: v for k, v in raw.items() if k != "upstream"}
+    _per_host_keys(path, table, flat)
     for key, value in table.items():
         if key not in _TABLE_KEYS:
             known = ", ".join(sorted(_TABLE_KEYS))
@@ -130,6 +131,18 @@ def _flatten_upstream(path: str, raw: dict[str, Any]) -> dict[str, Any]:
     if "upstream" not in flat:
         raise ConfigError(f'{path}: [[upstream]] needs url = "quic://HOST[:PORT]"')
     return flat
+
+
+def _per_host_keys(path: str, table: dict[str, Any], flat: dict[str, Any]) -> None:
+    """``addresses`` and ``tls-pin-sha256`` in an ``[[upstream]]`` table become
+    ``upstream-address`` / ``tls-pin-sha256`` entries for the table's host."""
+    from doqproxy.cli.route_options import per_host_entries
+
+    for key, flat_key in (("addresses", "upstream-address"), ("tls-pin-sha256", "tls-pin-sha256")):
+        if key in table:
+            entry = per_host_entries(path, key, table.get("url"), table.pop(key))
+            existing = flat.get(flat_key, [])
+            flat[flat_key] = [*existing, entry] if isinstance(existing, list) else existing
 
 
 def _flatten_routes(path: str, raw: dict[str, Any]) -> dict[str, Any]:

@@ -172,6 +172,21 @@ def upstream_names(settings: Any) -> list[str]:
     return [h for h in hosts if not routing.addresses_for(h)]
 
 
+def per_host_entries(path: str, key: str, url: object, value: object) -> str:
+    """``addresses = [...]`` or ``tls-pin-sha256 = "..."`` of an ``[[upstream]]`` table
+    as the ``HOST=VALUE,...`` form of the flags."""
+    if not isinstance(url, str):
+        raise click.ClickException(f'{path}: [[upstream]] needs url = "quic://HOST[:PORT]"')
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise click.ClickException(f"{path}: {key} in [[upstream]] must be a list of strings")
+    try:
+        host = parse_target(url, ("quic",)).url.host
+    except (AddressError, StampError) as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    return f"{host}=" + ",".join(values)
+
+
 def flatten_route_tables(path: str, raw: dict[str, Any]) -> dict[str, Any]:
     """``[[route]]`` tables become ``route = ["DOMAIN,...=UPSTREAM,..."]`` entries."""
     tables = raw.get("route")

@@ -91,13 +91,21 @@ class RouteBuilder:
                 url,
                 tls_context(self.ca_file),
                 resolve=self.bootstrap.resolve,
+                forget=self.bootstrap.failed,
                 pad_block=self.pool.pad_block,
                 connect_timeout=self.timeout,
                 pins=pins,
             )
         configuration = client_configuration(url.host, ca_file=self.ca_file)
         pool = dataclasses.replace(self.pool, handshake_timeout=self.timeout)
-        doq = DoqUpstream(url, configuration, pool, resolve=self.bootstrap.resolve, pins=pins)
+        doq = DoqUpstream(
+            url,
+            configuration,
+            pool,
+            resolve=self.bootstrap.resolve,
+            forget=self.bootstrap.failed,
+            pins=pins,
+        )
         doq.start()
         return doq
 

@@ -19,12 +19,14 @@ import secrets
 import ssl
 import struct
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from doqproxy.dns import wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
 from doqproxy.net.addresses import UpstreamUrl
 from doqproxy.upstream.base import UpstreamError
+from doqproxy.upstream.bootstrap import happy_eyeballs
 from doqproxy.upstream.pins import PinMismatch, check_pin
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,10 @@ class DotUpstream:
         idle_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         pins: tuple[str, ...] = (),
+        forget: Callable[[str], None] | None = None,
     ) -> None:
         self.url = url
+        self._forget = forget
         self.name = str(url)
         self.pad_block = pad_block
         self.server_name = server_name or url.host
@@ -138,25 +142,11 @@ class DotUpstream:
         else:
             addresses = [(host, port)]
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                if self._connect is not None:
-                    reader, writer = await self._connect(addresses)
-                else:
-                    reader, writer = await _first_connection(
-                        addresses, self.context, self.server_name
-                    )
-        except TimeoutError:
-            self.last_error = f"no TLS connection within {self.connect_timeout:g}s"
-            raise UpstreamError(
-                f"{self.name}: {self.last_error}", Ede.NO_REACHABLE_AUTHORITY
-            ) from None
-        except ssl.SSLCertVerificationError as exc:
-            self.last_error = f"TLS verification failed: {exc.verify_message}"
-            raise UpstreamError(f"{self.name}: {self.last_error}", Ede.NETWORK_ERROR) from None
-        except (ssl.SSLError, OSError) as exc:
-            self.last_error = f"cannot connect: {exc.strerror or exc}" if isinstance(
-                exc, OSError) and exc.strerror else f"cannot connect: {exc}"  # fmt: skip
-            raise UpstreamError(f"{self.name}: {self.last_error}", Ede.NETWORK_ERROR) from None
+            reader, writer = await self._handshake(addresses)
+        except UpstreamError:
+            if self._forget is not None:
+                self._forget(host)  # look the name up again next time
+            raise
         ssl_object = writer.get_extra_info("ssl_object")
         try:
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
@@ -170,6 +160,27 @@ class DotUpstream:
         conn.task = asyncio.ensure_future(self._read(conn))
         self._arm_idle(conn)
         return conn
+
+    async def _handshake(
+        self, addresses: list[tuple[str, int]]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self._connect is not None:
+                    return await self._connect(addresses)
+                return await _first_connection(addresses, self.context, self.server_name)
+        except TimeoutError:
+            self.last_error = f"no TLS connection within {self.connect_timeout:g}s"
+            raise UpstreamError(
+                f"{self.name}: {self.last_error}", Ede.NO_REACHABLE_AUTHORITY
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            self.last_error = f"TLS verification failed: {exc.verify_message}"
+            raise UpstreamError(f"{self.name}: {self.last_error}", Ede.NETWORK_ERROR) from None
+        except (ssl.SSLError, OSError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.last_error = f"cannot connect: {detail}"
+            raise UpstreamError(f"{self.name}: {self.last_error}", Ede.NETWORK_ERROR) from None
 
     def _arm_idle(self, conn: _Connection) -> None:
         if conn.idle is not None:
@@ -239,15 +250,14 @@ class _Lost(Exception):
 async def _first_connection(
     addresses: list[tuple[str, int]], context: ssl.SSLContext, server_name: str
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open TLS to the first address that takes it, in order (one at a time)."""
-    error: Exception = OSError("no address to connect to")
-    for host, port in addresses:
-        try:
-            return await asyncio.open_connection(
-                host, port, ssl=context, server_hostname=server_name
-            )
-        except ssl.SSLCertVerificationError:
-            raise
-        except (OSError, ssl.SSLError) as exc:
-            error = exc
-    raise error
+    """TLS to the first address that completes a handshake (Happy Eyeballs, RFC 8305)."""
+
+    async def attempt(
+        address: tuple[str, int],
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(
+            address[0], address[1], ssl=context, server_hostname=server_name
+        )
+
+    _, streams = await happy_eyeballs(addresses, attempt)
+    return cast(tuple[asyncio.StreamReader, asyncio.StreamWriter], streams)
