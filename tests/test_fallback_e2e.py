@@ -15,7 +15,7 @@ import pytest
 from .conftest import Certs, ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
 from .dot_fixture import DotTestServer
-from .serve_helpers import rdatas
+from .serve_helpers import PlainDnsServer, rdatas
 
 
 @pytest.fixture
@@ -81,3 +81,18 @@ async def test_fallback_to_dot_and_back(
         assert 'doqproxy_fallback_switches_total{direction="to_primary",route="."} 1.0' in text
     finally:
         await doq.stop()
+
+
+async def test_plain_dns_fallback_only_when_named_and_with_a_warning(start_proxy: object) -> None:
+    plain = PlainDnsServer()
+    await plain.start()
+    try:
+        proxy: ProxyProcess = start_proxy(  # type: ignore[operator]
+            free_port(), "--fallback", f"udp://127.0.0.1:{plain.port}"
+        )
+        reply = await _ask(proxy.port, "x.plain.test")
+        assert rdatas(reply) == ["198.51.100.7"]
+        assert plain.state.padded == [False]  # padding is for encrypted transports
+        assert "(plain DNS, unencrypted)" in proxy.stderr()
+    finally:
+        await plain.stop()

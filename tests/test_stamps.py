@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+from pathlib import Path
 
+import dns.asyncquery
+import dns.message
 import pytest
 
 from doqproxy.net import stamps
 from doqproxy.net.stamps import Stamp, StampError, encode_stamp, parse_stamp
 from doqproxy.upstream.targets import parse_target
 
-from .conftest import doqproxy_command
+from .conftest import SERVER_NAME, Certs, ProxyProcess, doqproxy_command, free_port
+from .doq_fixture import DoqTestUpstream
+from .serve_helpers import rdatas
 
 ADGUARD_DOQ = (
     "sdns://BAcAAAAAAAAADTk0LjE0MC4xNC4xNDAgmjo09yfeubylEAPZzpw5-PJ92cUkKQHCurGkTmNaAhkeZG5zLXVu"
@@ -95,3 +101,33 @@ def test_bad_stamp_on_the_command_line_is_one_line_of_error() -> None:
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "DNSCrypt" in lines[0], result.stderr
+
+
+def _doq_stamp(port: int) -> str:
+    return encode_stamp(
+        Stamp(stamps.DOQ, stamps.PROP_DNSSEC, f"127.0.0.1:{port}", (), f"{SERVER_NAME}:{port}")
+    )
+
+
+async def test_forward_and_query_accept_a_stamp(
+    upstream: DoqTestUpstream, certs: Certs, tmp_path: Path
+) -> None:
+    stamp = _doq_stamp(upstream.port)
+    port = free_port()
+    argv = ["forward", "-l", f"127.0.0.1:{port}", "-u", stamp, "--tls-ca-file", certs.ca_file,
+            "--state-dir", str(tmp_path / "state"), "--no-cache"]  # fmt: skip
+    proxy = ProxyProcess(argv, port, tmp_path / "proxy.log")
+    try:
+        await asyncio.to_thread(proxy.wait_ready)
+        query = dns.message.make_query("a.test", "A")
+        reply = await dns.asyncquery.udp(query, "127.0.0.1", port=port, timeout=15)
+        assert rdatas(reply) == ["192.0.2.1"]
+    finally:
+        proxy.stop()
+    process = await asyncio.create_subprocess_exec(
+        *doqproxy_command("query", "-u", stamp, "--tls-ca-file", certs.ca_file, "n3.test"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err
+    assert "192.0.2.13" in out.decode()
