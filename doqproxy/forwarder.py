@@ -99,12 +99,7 @@ class Routes:
             settings.routing, ca_file=settings.tls_ca_file, pool=pool, timeout=settings.timeout
         )
         old = self.builder
-        if old is not None and (old.routing, old.ca_file, old.pool, old.timeout) == (
-            builder.routing,
-            builder.ca_file,
-            builder.pool,
-            builder.timeout,
-        ):
+        if old is not None and _reusable(old) == _reusable(builder):
             builder.made = dict(old.made)
             builder.bootstrap = old.bootstrap
         routed, local = builder.build(default)
@@ -129,6 +124,13 @@ class Routes:
     async def aclose(self) -> None:
         if self.builder is not None:
             await self.builder.aclose()
+
+
+def _reusable(builder: RouteBuilder) -> tuple[object, ...]:
+    """What an upstream made by ``builder`` depends on, besides its URL."""
+    routing = builder.routing
+    return (routing.bootstrap, routing.addresses, routing.pins, builder.ca_file, builder.pool,
+            builder.timeout)  # fmt: skip
 
 
 _closing: set[asyncio.Task[None]] = set()

@@ -43,6 +43,9 @@ def _config(path: Path, certs: Certs, listen: int, upstream: int, plain: int) ->
         "[[route]]\n"
         'domains = ["plain.test", "lan"]\n'
         f'upstreams = ["udp://127.0.0.1:{plain}"]\n'
+        "[[route]]\n"
+        'domains = ["eu.plain.test"]\n'
+        f'upstreams = ["quic://127.0.0.1:{upstream}"]\n'
     )
 
 
@@ -51,7 +54,10 @@ def test_check_config_shows_routes(tmp_path: Path, certs: Certs) -> None:
     _config(path, certs, 5399, 853, 5300)
     result = CliRunner().invoke(main, ["check-config", "--config", str(path)])
     assert result.exit_code == 0, result.output
-    assert 'route = ["plain.test.,lan.=udp://127.0.0.1:5300"]  # config file' in result.output
+    expected = (
+        'route = ["plain.test.,lan.=udp://127.0.0.1:5300", "eu.plain.test.=quic://127.0.0.1:853"]'
+    )
+    assert f"{expected}  # config file" in result.output
     assert "no-local-zones = false  # default" in result.output
     path.write_text(path.read_text() + "[[route]]\ndomains = []\nupstreams = ['udp://1.1.1.1']\n")
     result = CliRunner().invoke(main, ["check-config", "--config", str(path)])
@@ -74,6 +80,9 @@ async def test_sighup_reloads_routes_and_drops_their_cache_entries(
         assert rdatas(await _ask(port, "host.plain.test")) == ["198.51.100.7"]
         assert rdatas(await _ask(port, "a.test")) == ["192.0.2.1"]
         assert len(first.state.seen) == 1 and len(upstream.state.seen) == 1
+        await _ask(port, "x.eu.plain.test")  # the DoQ route's own pool connects
+        assert len(upstream.state.seen) == 2
+        handshakes = upstream.state.handshakes
 
         config.write_text(config.read_text().replace("[[route]]", "[[route]]\nbogus = 1"))
         proxy.proc.send_signal(signal.SIGHUP)
@@ -89,7 +98,11 @@ async def test_sighup_reloads_routes_and_drops_their_cache_entries(
         assert len(second.state.seen) == 1 and len(first.state.seen) == 1
         # The default route did not change: its entry is still cached.
         assert rdatas(await _ask(port, "a.test")) == ["192.0.2.1"]
-        assert len(upstream.state.seen) == 1
+        assert len(upstream.state.seen) == 2
+        # The unchanged DoQ route kept its connection: no new handshake.
+        await _ask(port, "y.eu.plain.test")
+        assert upstream.seen_names()[-1] == "y.eu.plain.test."
+        assert upstream.state.handshakes == handshakes
         assert proxy.stop() == 0
     finally:
         proxy.stop()
