@@ -98,6 +98,8 @@ class Routes:
         builder = RouteBuilder(
             settings.routing, ca_file=settings.tls_ca_file, pool=pool, timeout=settings.timeout
         )
+        if isinstance(default, DoqUpstream):
+            builder.tickets = default.tickets  # one ticket file, one writer
         old = self.builder
         if old is not None and _reusable(old) == _reusable(builder):
             builder.made = dict(old.made)

@@ -29,6 +29,7 @@ from doqproxy.upstream.fallback import FallbackUpstream
 from doqproxy.upstream.plain import PlainUpstream
 from doqproxy.upstream.pool import DoqUpstream, PoolSettings
 from doqproxy.upstream.targets import Target, parse_target
+from doqproxy.upstream.tickets import TicketFile
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class RouteBuilder:
     timeout: float = 5.0
     made: dict[str, Upstream] = field(default_factory=dict)
     """URL or stamp text → its upstream, reused by the next build."""
+    tickets: TicketFile | None = None
+    """Shared with the default upstream (one file, one writer); ``None``: in memory."""
 
     def __post_init__(self) -> None:
         self.bootstrap = Bootstrap(self.routing.bootstrap, pinned=dict(self.routing.addresses))
@@ -102,6 +105,7 @@ class RouteBuilder:
             url,
             configuration,
             pool,
+            tickets=self.tickets,
             resolve=self.bootstrap.resolve,
             forget=self.bootstrap.failed,
             pins=pins,
