@@ -62,6 +62,8 @@ class Operations:
         self.upstream: UpstreamGroup | None = None
         self.inflight: InFlight | None = None
         self.on_reload: Callable[[], object] | None = None
+        self.fallbacks: Callable[[], list[Any]] = list
+        """The routes' fallback wrappers, for metrics (set by the forwarder)."""
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics_address: tuple[str, int] | None = None
@@ -109,6 +111,7 @@ class Operations:
             latency=lambda: self.latency,
             observations=self.observations,
             in_flight=lambda: len(self.inflight) if self.inflight is not None else 0,
+            fallbacks=lambda: self.fallbacks(),
         )
         self._metrics = MetricsServer(address, ForwardCollector(sources))
         self.metrics_address = self._metrics.start()

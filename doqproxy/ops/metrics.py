@@ -57,6 +57,8 @@ class Sources:
     latency: Callable[[], dict[str, LatencyHistogram]]
     observations: Observations
     in_flight: Callable[[], int]
+    fallbacks: Callable[[], list[Any]] = list
+    """The routes' :class:`~doqproxy.upstream.fallback.FallbackUpstream` wrappers."""
 
 
 def counters(
@@ -122,9 +124,31 @@ class ForwardCollector(Collector):
             if isinstance(member.upstream, DoqUpstream):
                 yield from self._pool(member.upstream)
         yield from self._latency()
+        yield from self._fallbacks()
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
         in_flight.add_metric([], self.sources.in_flight())
         yield in_flight
+
+    def _fallbacks(self) -> Iterator[Metric]:
+        wrappers = self.sources.fallbacks()
+        if not wrappers:
+            return
+        active = GaugeMetricFamily(
+            "doqproxy_fallback_active",
+            "1 while a route's traffic goes to its --fallback upstreams.",
+            labels=["route"],
+        )
+        switches = CounterMetricFamily(
+            "doqproxy_fallback_switches",
+            "Switches between a route's DoQ upstreams and its fallback.",
+            labels=["route", "direction"],
+        )
+        for wrapper in wrappers:
+            active.add_metric([wrapper.route], 1 if wrapper.active else 0)
+            for direction, count in wrapper.switches.items():
+                switches.add_metric([wrapper.route, direction], count)
+        yield active
+        yield switches
 
     def _queries(self) -> Iterator[Metric]:
         stats = self.sources.resolver().stats
