@@ -23,6 +23,7 @@ from doqproxy.doq import framing
 from doqproxy.upstream import engine, engine_aioquic  # noqa: F401 - see engine.get
 from doqproxy.upstream.base import UpstreamError
 from doqproxy.upstream.engine import ClientSession
+from doqproxy.upstream.pins import PinMismatch, check_pin
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class DoqConnection:
         """Seconds from the first flight to a completed handshake before giving up
         (an upstream that drops our packets without an ICMP error)."""
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self.pins: tuple[str, ...] = ()
+        """Accepted SPKI SHA-256 pins (base64); empty means no pinning."""
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, tuple[framing.StreamReader, asyncio.Future[bytes]]] = {}
         self._session: ClientSession | None = None
@@ -123,6 +126,11 @@ class DoqConnection:
     @property
     def cipher(self) -> str | None:
         return None if self._session is None else self._session.cipher
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        """The smoothed RTT in seconds, once measured."""
+        return None if self._session is None else self._session.smoothed_rtt
 
     @property
     def usable(self) -> bool:
@@ -357,6 +365,16 @@ class DoqConnection:
             entry[1].set_exception(UpstreamError(f"server reset the stream (code {error_code:#x})"))
 
     def on_handshake(self, alpn: str | None, resumed: bool, early_data_accepted: bool) -> None:
+        if self.pins and not resumed:
+            # A resumed session carries no certificate; its ticket came from a
+            # connection that passed this check.
+            try:
+                server = getattr(self.configuration, "server_name", None) or self.address[0]
+                check_pin(server, self.session.peer_certificate, self.pins)
+            except PinMismatch as exc:
+                self.session.close(framing.DoqError.PROTOCOL_ERROR, "pin mismatch")
+                self._fail(exc)
+                return
         info = self.info
         info.handshake_at = time.monotonic()
         info.alpn = alpn

@@ -84,6 +84,10 @@ class ClientSession(Protocol):
         """The current PTO in seconds."""
 
     @property
+    def smoothed_rtt(self) -> float | None:
+        """The smoothed RTT in seconds, or ``None`` before the first sample."""
+
+    @property
     def idle_timeout(self) -> float:
         """The negotiated idle timeout in seconds."""
 
@@ -97,6 +101,11 @@ class ClientSession(Protocol):
     @property
     def cipher(self) -> str | None:
         """The TLS cipher suite's IANA name, once negotiated."""
+
+    @property
+    def peer_certificate(self) -> Any:
+        """The server's leaf certificate (a ``cryptography`` x509 certificate or
+        DER bytes), or ``None`` (a resumed session shows none)."""
 
 
 class Engine(Protocol):

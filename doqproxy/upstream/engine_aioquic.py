@@ -270,6 +270,11 @@ class AioquicSession:
         return self.quic._loss.get_probe_timeout()
 
     @property
+    def smoothed_rtt(self) -> float | None:
+        loss = self.quic._loss
+        return loss._rtt_smoothed if loss._rtt_initialized else None
+
+    @property
     def idle_timeout(self) -> float:
         return self.quic._idle_timeout()
 
@@ -283,6 +288,10 @@ class AioquicSession:
         if protocol is None or protocol.connected is None:
             return 0, 0
         return protocol.connected.sent, protocol.received
+
+    @property
+    def peer_certificate(self) -> Any:
+        return self.quic.tls._peer_certificate
 
     @property
     def cipher(self) -> str | None:
