@@ -66,7 +66,7 @@ class DoqConnection:
         token_handler: Callable[[bytes], None] | None = None,
         on_dead: Callable[[DoqConnection], None] | None = None,
         on_credit: Callable[[DoqConnection], None] | None = None,
-        quic_engine: str = engine.NAME,
+        quic_engine: str | None = None,
     ) -> None:
         self.address = address
         self._on_dead = on_dead
@@ -446,7 +446,7 @@ def client_configuration(
     *,
     ca_file: str | None,
     idle_timeout: float = 30.0,
-    quic_engine: str = engine.NAME,
+    quic_engine: str | None = None,
     **extra: Any,
 ) -> Any:
     """A strict-verification client configuration for DoQ, for the given engine."""
@@ -455,7 +455,7 @@ def client_configuration(
     )
 
 
-def warm_up(configuration: Any, quic_engine: str = engine.NAME) -> None:
+def warm_up(configuration: Any, quic_engine: str | None = None) -> None:
     """Build and discard one first flight without sending it (the first handshake of
     a process otherwise pays about 2.5 ms for code run for the first time)."""
     engine.get(quic_engine).warm_up(configuration)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 NAME = "aioquic"
 """The QUIC engine the DoQ client uses."""
 
-ENGINES = ("aioquic",)
+ENGINES = ("aioquic", "qh3")
 """Engines this build knows."""
 
 
@@ -112,6 +112,9 @@ class Engine(Protocol):
     """What an ``engine_<name>`` module provides."""
 
     NAME: str
+    SessionTicket: type
+    CipherSuite: type
+    NAIVE_TICKET_DATES: bool
 
     def version(self) -> str: ...
 
@@ -131,16 +134,36 @@ class Engine(Protocol):
     def warm_up(self, configuration: Any) -> None: ...
 
 
-def get(name: str = NAME) -> Engine:
-    """The engine module for ``name`` (raises ValueError for an unknown one).
+def installed() -> list[str]:
+    """The engines whose library is installed here."""
+    import importlib.util
 
-    The default engine is imported with doq_connection, not here on first use:
-    after ``--user`` the interpreter's directory may be unreadable.
+    return [name for name in ENGINES if importlib.util.find_spec(name) is not None]
+
+
+def get(name: str | None = None) -> Engine:
+    """The engine module for ``name`` (default: the selected one).
+
+    Raises ValueError for an unknown or missing engine. The selected engine is
+    imported by :func:`select` at start-up (and aioquic with doq_connection),
+    not here on first use: after ``--user`` the interpreter's directory may be
+    unreadable.
     """
+    name = NAME if name is None else name
     if name not in ENGINES:
         raise ValueError(f"unknown QUIC engine {name!r} (known: {', '.join(ENGINES)})")
-    module: Any = importlib.import_module(f"doqproxy.upstream.engine_{name}")
+    try:
+        module: Any = importlib.import_module(f"doqproxy.upstream.engine_{name}")
+    except ImportError as exc:
+        raise ValueError(f"QUIC engine {name} is not installed ({exc})") from None
     return module  # type: ignore[no-any-return]
+
+
+def select(name: str) -> None:
+    """Make ``name`` the engine of every connection made from now on (imports it now)."""
+    global NAME
+    get(name)
+    NAME = name
 
 
 def describe() -> str:

@@ -22,12 +22,23 @@ from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicPacketType
-from aioquic.tls import Epoch, SessionTicket
+from aioquic.tls import CipherSuite, Epoch, SessionTicket
 
 from doqproxy.doq import framing
 from doqproxy.upstream.engine import SessionOwner
 
 NAME = "aioquic"
+NAIVE_TICKET_DATES = False
+"""Whether session tickets carry naive UTC dates (qh3) or aware ones (aioquic)."""
+__all__ = [
+    "NAIVE_TICKET_DATES",
+    "NAME",
+    "CipherSuite",
+    "SessionTicket",
+    "client_configuration",
+    "new_session",
+    "warm_up",
+]
 
 ACK_DELAY = 0.005
 """Seconds an ACK for 1-RTT packets may wait for a query to ride on, once the

@@ -83,6 +83,8 @@ class PoolSettings:
     """Seconds after which a connection takes no new queries and is closed once idle."""
     handshake_timeout: float = 5.0
     """Seconds a handshake may take before the connection counts as failed (backoff)."""
+    quic_engine: str = engine.NAME
+    """The QUIC engine of the connections (see upstream/engine.py)."""
 
 
 class DoqUpstream:
@@ -296,6 +298,7 @@ class DoqUpstream:
             token_handler=lambda token: self.tickets.set_token(self._key, token),
             on_dead=self._forget,
             on_credit=self._on_credit,
+            quic_engine=self.settings.quic_engine,
         )
         conn.dead_after = self.settings.dead_after
         conn.handshake_timeout = self.settings.handshake_timeout
