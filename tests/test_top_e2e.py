@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -52,14 +53,23 @@ def wait_for_metrics(port: int) -> None:
     raise AssertionError(f"no metrics endpoint on port {port}")
 
 
-async def top(*args: str, prelude: str | None = None) -> subprocess.CompletedProcess[str]:
+async def top(
+    *args: str, prelude: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``doqproxy top ARGS`` (after ``prelude`` Python code, when given) to completion."""
     argv = doqproxy_command("top", *args)
     if prelude is not None:
         code = f"{prelude}\nimport sys\nfrom doqproxy.cli import main\nmain(sys.argv[1:])"
         argv = [sys.executable, "-c", code, "top", *args]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DOQPROXY_")}
     return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=60, check=False
+        subprocess.run,
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**environment, **(env or {})},
     )
 
 
@@ -149,6 +159,15 @@ async def test_unreachable_is_one_line_and_a_failure(tmp_path: Path) -> None:
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert f"cannot read http://127.0.0.1:{port}/metrics" in line
+
+    # Forward's own variable comes before its file; top's own variable before both.
+    other = free_port()
+    env = {"DOQPROXY_METRICS_LISTEN": f"[::1]:{other}"}
+    result = await top("--once", "--config", str(config), env=env)
+    assert f"cannot read http://[::1]:{other}/metrics" in result.stderr
+    env["DOQPROXY_TOP_METRICS"] = f"http://127.0.0.1:{port}/metrics"
+    result = await top("--once", "--config", str(config), env=env)
+    assert f"cannot read http://127.0.0.1:{port}/metrics" in result.stderr
 
 
 async def test_not_a_doqproxy_endpoint(upstream: DoqTestUpstream, start_proxy: StartProxy) -> None:
