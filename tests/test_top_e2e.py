@@ -31,7 +31,7 @@ from .doq_fixture import DoqTestUpstream
 StartProxy = Callable[..., ProxyProcess]
 
 EVENT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-"""What ``doqproxy forward`` runs on here (``make venv`` installs the ``fast`` extra)."""
+"""What ``doqproxy forward`` runs on here by default (uvloop where it is installed)."""
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,10 @@ async def test_once_and_json_match_the_queries_sent(
     assert proxy.stop() == 0
 
 
-async def test_rates_while_queries_flow(upstream: DoqTestUpstream, start_proxy: StartProxy) -> None:
+async def test_rates_while_queries_flow(
+    upstream: DoqTestUpstream, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOQPROXY_EVENT_LOOP", "asyncio")  # build_info says which loop runs
     metrics = free_port()
     proxy = start_proxy(upstream.port, "--metrics-listen", f"127.0.0.1:{metrics}")
     await asyncio.to_thread(wait_for_metrics, metrics)
@@ -135,6 +138,7 @@ async def test_rates_while_queries_flow(upstream: DoqTestUpstream, start_proxy: 
     result = run.result()
     assert result.returncode == 0, result.stderr
     snap = json.loads(result.stdout)
+    assert snap["event_loop"] == "asyncio"
     assert 0 < snap["queries"] <= sent
     assert snap["qps"] > 0 and snap["qps"] == snap["qps_minute"]
     [row] = snap["upstreams"]

@@ -10,7 +10,6 @@ and copies dicts, both atomic under the GIL.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from doqproxy.cache.policy import AnswerCache
 from doqproxy.doq.server_rules import DoqServerStats
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
+from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
 from doqproxy.upstream import doq_connection
 from doqproxy.upstream.pool import DoqUpstream
@@ -65,15 +65,6 @@ def counters(
         metric = CounterMetricFamily(f"{prefix}_{name}", text, labels=[label[0]] if label else None)
         metric.add_metric([label[1]] if label else [], value)
         yield metric
-
-
-def event_loop_name() -> str:
-    """``uvloop`` or ``asyncio``: the event loop running in the calling thread."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "none"
-    return "uvloop" if type(loop).__module__.partition(".")[0] == "uvloop" else "asyncio"
 
 
 def quic_engine() -> str:
