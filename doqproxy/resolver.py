@@ -1,6 +1,6 @@
 """The one request pipeline that every front end (UDP, TCP, DoQ) hands queries to.
 
-validate → cache → coalesce → upstream → cache → reply. Each step is a pure
+validate → local zones → cache → coalesce → upstream → cache → reply. Each step is a pure
 function from :mod:`doqproxy.dns.validate`, :mod:`doqproxy.cache.policy` or
 :mod:`doqproxy.dns.rewrite`; this module only sequences them, applies the deadline
 and turns failures into SERVFAIL with an Extended DNS Error saying why, or into
@@ -22,6 +22,7 @@ from doqproxy.coalesce import Coalescer
 from doqproxy.dns import rewrite, validate, wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
+from doqproxy.routing.local_zones import LocalZones
 from doqproxy.upstream.base import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class ResolverStats:
     queries: int = 0
     dropped: int = 0
     rejected: int = 0
+    local: int = 0
+    """Answered from a locally served zone (never sent upstream)."""
     upstream_errors: int = 0
     rcodes: dict[int, int] = field(default_factory=dict)
     servfails: dict[int | None, int] = field(default_factory=dict)
@@ -75,10 +78,13 @@ class Resolver:
         opcodes: frozenset[int] = frozenset({wire.OPCODE_QUERY}),
         cache: AnswerCache | None = None,
         max_udp: int = wire.DEFAULT_MAX_UDP,
+        local: LocalZones | None = None,
     ) -> None:
         self.upstream = upstream
         self.max_udp = max_udp
         """The largest UDP reply (``--max-udp-size``); the cache, if any, has the same."""
+        self.local = local
+        """Names answered here (localhost., private reverse zones, ...); swapped on reload."""
         self.timeout = timeout
         self.opcodes = opcodes
         self.stats = ResolverStats()
@@ -121,6 +127,14 @@ class Resolver:
                 self.stats.rejected += 1
             log.debug("rejected query: %s", verdict.reason)
             return verdict.reply
+        local = self.local
+        if local:
+            reply = local.reply(verdict, payload=self.max_udp)
+            if reply is not None:
+                self.stats.local += 1
+                rcode = wire.get_rcode(reply)
+                self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
+                return reply
         return await self.forward(data, verdict, udp=udp)
 
     async def forward(self, data: bytes, question: Question, *, udp: bool) -> bytes:

@@ -62,6 +62,10 @@ class UpstreamState:
     early_accepted: int = 0
     close_codes: list[int] = field(default_factory=list)
     slow_delay: float = 3.0
+    answer_delay: float = 0.0
+    """Seconds every answer waits (a slow server, not a slow link)."""
+    cancelled: list[tuple[str, int]] = field(default_factory=list)
+    """("reset" or "stop", code) for each RESET_STREAM / STOP_SENDING received."""
 
 
 def answer(query: dns.message.Message) -> dns.message.Message:
@@ -97,6 +101,10 @@ class _DoqServerProtocol(QuicConnectionProtocol):
             self.state.early_accepted += bool(event.early_data_accepted)
         elif isinstance(event, events.ConnectionTerminated):
             self.state.close_codes.append(event.error_code)
+        elif isinstance(event, events.StreamReset):
+            self.state.cancelled.append(("reset", event.error_code))
+        elif isinstance(event, events.StopSendingReceived):
+            self.state.cancelled.append(("stop", event.error_code))
         elif isinstance(event, events.StreamDataReceived):
             data = self._buffers.get(event.stream_id, b"") + event.data
             self._buffers[event.stream_id] = data
@@ -118,6 +126,13 @@ class _DoqServerProtocol(QuicConnectionProtocol):
             return
         if name == "slow.test.":
             await asyncio.sleep(self.state.slow_delay)
+        if self.state.answer_delay:
+            await asyncio.sleep(self.state.answer_delay)
+            if (
+                stream_id in quic._streams
+                and quic._streams[stream_id].sender._reset_error_code is not None
+            ):
+                return  # the client cancelled (STOP_SENDING reset our side)
         reply = answer(query)
         if name == "badid.test.":
             reply.id = 0x1234

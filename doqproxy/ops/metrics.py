@@ -33,6 +33,8 @@ from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, 
 from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
 from doqproxy.upstream import doq_connection
+from doqproxy.upstream.group import Member, UpstreamGroup
+from doqproxy.upstream.health import Reason, State
 from doqproxy.upstream.pool import DoqUpstream
 
 _DOQ_CODES = {
@@ -51,10 +53,12 @@ class Sources:
     that swaps the upstream is picked up without re-registering."""
 
     resolver: Callable[[], Resolver]
-    upstream: Callable[[], DoqUpstream]
+    upstream: Callable[[], UpstreamGroup]
     latency: Callable[[], dict[str, LatencyHistogram]]
     observations: Observations
     in_flight: Callable[[], int]
+    fallbacks: Callable[[], list[Any]] = list
+    """The routes' :class:`~doqproxy.upstream.fallback.FallbackUpstream` wrappers."""
 
 
 def counters(
@@ -105,11 +109,37 @@ class ForwardCollector(Collector):
         yield started
         yield from self._queries()
         yield from self._cache(self.sources.resolver().cache)
-        yield from self._pool(self.sources.upstream())
+        group = self.sources.upstream()
+        yield from self._members(group)
+        for member in group.members:
+            if isinstance(member.upstream, DoqUpstream):
+                yield from self._pool(member.upstream)
         yield from self._latency()
+        yield from self._fallbacks()
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
         in_flight.add_metric([], self.sources.in_flight())
         yield in_flight
+
+    def _fallbacks(self) -> Iterator[Metric]:
+        wrappers = self.sources.fallbacks()
+        if not wrappers:
+            return
+        active = GaugeMetricFamily(
+            "doqproxy_fallback_active",
+            "1 while a route's traffic goes to its --fallback upstreams.",
+            labels=["route"],
+        )
+        switches = CounterMetricFamily(
+            "doqproxy_fallback_switches",
+            "Switches between a route's DoQ upstreams and its fallback.",
+            labels=["route", "direction"],
+        )
+        for wrapper in wrappers:
+            active.add_metric([wrapper.route], 1 if wrapper.active else 0)
+            for direction, count in wrapper.switches.items():
+                switches.add_metric([wrapper.route, direction], count)
+        yield active
+        yield switches
 
     def _queries(self) -> Iterator[Metric]:
         stats = self.sources.resolver().stats
@@ -210,6 +240,62 @@ class ForwardCollector(Collector):
         )
         streams.add_metric(label, sum(conn.in_flight for conn in connections))
         yield streams
+
+    def _members(self, group: UpstreamGroup) -> Iterator[Metric]:
+        """What the group knows per upstream: traffic, health, hedging."""
+        members = group.members
+        rows: tuple[tuple[str, str, Callable[[Member], int]], ...] = (
+            ("queries_sent", "Queries sent to the upstream (hedges and side trips included).",
+             lambda m: m.stats.queries_sent),
+            ("answers", "Usable answers (not SERVFAIL/REFUSED) from the upstream.",
+             lambda m: m.stats.answers),
+            ("hedged", "Queries sent to the upstream because the one before it was late.",
+             lambda m: m.stats.hedged),
+            ("races_won", "Answers that won while another upstream had the same query.",
+             lambda m: m.stats.races_won),
+        )  # fmt: skip
+        for name, text, value in rows:
+            family = CounterMetricFamily(f"doqproxy_upstream_{name}", text, labels=["upstream"])
+            for member in members:
+                family.add_metric([member.name], value(member))
+            yield family
+        failures = CounterMetricFamily(
+            "doqproxy_upstream_failures",
+            "Failed queries by reason (connect, timeout, tls, protocol, servfail, refused).",
+            labels=["upstream", "reason"],
+        )
+        srtt = GaugeMetricFamily(
+            "doqproxy_upstream_srtt_seconds",
+            "Smoothed RTT from answers and handshakes (absent until measured).",
+            labels=["upstream"],
+        )
+        state = GaugeMetricFamily(
+            "doqproxy_upstream_state",
+            "1 for the upstream's current health state.",
+            labels=["upstream", "state"],
+        )
+        last_error = GaugeMetricFamily(
+            "doqproxy_upstream_last_error_info",
+            "The upstream's last error (absent when there is none).",
+            labels=["upstream", "error"],
+        )
+        queued = GaugeMetricFamily(
+            "doqproxy_upstream_queued_queries",
+            "Queries waiting inside the upstream's pool for a connection.",
+            labels=["upstream"],
+        )
+        for member in members:
+            health = member.health
+            for reason in Reason:
+                failures.add_metric([member.name, str(reason)], health.failure_count(reason))
+            if health.srtt is not None:
+                srtt.add_metric([member.name], health.srtt)
+            for each in State:
+                state.add_metric([member.name, str(each)], float(health.state is each))
+            if health.last_error:
+                last_error.add_metric([member.name, health.last_error[:200]], 1)
+            queued.add_metric([member.name], member.queued)
+        yield from (failures, srtt, state, last_error, queued)
 
     def _latency(self) -> Iterator[Metric]:
         histograms = dict(self.sources.latency())
