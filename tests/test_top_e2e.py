@@ -253,3 +253,37 @@ def test_a_forwarder_dying_mid_reply_is_a_scrape_error(reply: bytes, error: str)
                 scrape.fetch(f"http://127.0.0.1:{port}/metrics", timeout=10)
         finally:
             thread.join(10)
+
+
+async def test_a_row_per_upstream_with_state_and_last_error(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    dead = free_port()  # nothing listens there: connections are refused
+    metrics = free_port()
+    proxy = start_proxy(
+        upstream.port,
+        "-u", f"quic://127.0.0.1:{dead}",
+        "--upstream-strategy", "round-robin",
+        "--metrics-listen", f"127.0.0.1:{metrics}",
+    )  # fmt: skip
+    await asyncio.to_thread(wait_for_metrics, metrics)
+    for index in range(10):
+        await ask(proxy, f"n{index}.test.")
+    run = asyncio.ensure_future(top("--json", "--metrics", f"127.0.0.1:{metrics}"))
+    index = 0
+    while not run.done():
+        await ask(proxy, f"n{index % 64}.test.")
+        index += 1
+        await asyncio.sleep(0.01)
+    result = run.result()
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)["upstreams"]}
+    live, down = rows[f"quic://127.0.0.1:{upstream.port}"], rows[f"quic://127.0.0.1:{dead}"]
+    assert len(rows) == 2
+    assert live["state"] == "up" and live["last_error"] is None
+    assert live["srtt_ms"] > 0 and live["qps"] > 0 and live["connections"] == 1
+    assert down["state"] in ("backoff", "probing")
+    assert down["last_error"].startswith("connect"), down
+    assert down["failures"]["connect"] >= 1
+    assert live["share"] + (down["share"] or 0) == pytest.approx(1.0)
+    assert proxy.stop() == 0
