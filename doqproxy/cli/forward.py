@@ -17,8 +17,9 @@ from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
 from doqproxy.net.sockets import ListenError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
-from doqproxy.ops.privileges import PrivilegeError, drop_privileges
+from doqproxy.ops.privileges import PrivilegeError, drop_privileges, warn_if_root
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.tickets import StateDirError, check_state_dir
 
 
 @click.command(cls=config.ConfigCommand)
@@ -170,6 +171,11 @@ def forward(
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None
+    warn_if_root()
+    try:
+        check_state_dir(state_dir)
+    except StateDirError as exc:
+        raise click.ClickException(str(exc)) from None
     reload = config.reloader()
     raise SystemExit(process.run(lambda: forwarder.serve(settings, sockets, reload)))
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import grp
 import importlib
+import logging
 import os
 import pwd
+
+log = logging.getLogger(__name__)
 
 PRELOAD = ("concurrent.futures.thread", "encodings.idna", "stringprep")
 """Standard-library modules imported lazily at run time (getaddrinfo and to_thread use
@@ -57,3 +60,14 @@ def group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def warn_if_root() -> bool:
+    """Log a WARNING when the process still runs as root (after any ``--user``); say if so."""
+    if os.geteuid() != 0:
+        return False
+    log.warning(
+        "running as root: a bug in doqproxy or a library would have the whole machine; "
+        "use --user NAME (or systemd User=/DynamicUser=)"
+    )
+    return True
