@@ -125,6 +125,7 @@ class PlainUpstream:
         """Queries failed at once because ``max_in_flight`` were waiting."""
         self.in_flight = 0
         self._slots: list[_SharedSocket | None] = [None] * sockets
+        self._opening: dict[int, asyncio.Future[_SharedSocket]] = {}
 
     async def query(self, message: bytes, question: Question) -> bytes:
         """Ask over UDP, and over TCP if the UDP answer is truncated; return it with ID 0."""
@@ -157,6 +158,14 @@ class PlainUpstream:
         slot = self._slots[n]
         if slot is not None and not slot.closed and slot.uses < SOCKET_USES:
             return slot
+        opening = self._opening.get(n)
+        if opening is None:
+            # One opening per slot: a burst of queries must not open a socket each.
+            opening = self._opening[n] = asyncio.ensure_future(self._open(n))
+            opening.add_done_callback(lambda _: self._opening.pop(n, None))
+        return await asyncio.shield(opening)
+
+    async def _open(self, n: int) -> _SharedSocket:
         loop = asyncio.get_running_loop()
         try:
             _, fresh = await loop.create_datagram_endpoint(_SharedSocket, remote_addr=self.address)
