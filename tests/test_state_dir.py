@@ -103,6 +103,8 @@ async def test_fifo_in_place_of_the_ticket_file_does_not_hang_start_up(
         )
         assert answer.answer, proxy.stderr()
         assert "not a regular file" in proxy.stderr()
+        if os.geteuid() == 0:
+            assert "WARNING" in proxy.stderr() and "running as root" in proxy.stderr()
     finally:
         code = await asyncio.to_thread(proxy.stop)
     assert code == 0, proxy.stderr()
