@@ -7,7 +7,9 @@ import dataclasses
 import gc
 import logging
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
 
 from doqproxy.cache.policy import make_cache
 from doqproxy.frontend.inflight import InFlight
@@ -20,8 +22,13 @@ from doqproxy.ops.reload import Reloader
 from doqproxy.ops.systemd import Activated
 from doqproxy.resolver import Resolver
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.doq_connection import client_configuration, warm_up
+from doqproxy.upstream.group import Member, UpstreamGroup
+from doqproxy.upstream.health import Health
+from doqproxy.upstream.health_file import HealthFile
 from doqproxy.upstream.pool import DoqUpstream
+from doqproxy.upstream.spec import UpstreamSpec
 from doqproxy.upstream.tickets import TicketFile
 
 log = logging.getLogger(__name__)
@@ -50,14 +57,68 @@ def bind_all(settings: ForwardSettings) -> list[tuple[socket.socket, socket.sock
     return bound
 
 
-def make_upstream(settings: ForwardSettings) -> DoqUpstream:
-    url = settings.upstream
-    server_name = settings.tls_server_name or url.host
-    configuration = client_configuration(server_name, ca_file=settings.tls_ca_file)
-    pool = dataclasses.replace(settings.pool, handshake_timeout=settings.timeout)
-    if not settings.padding:
-        pool = dataclasses.replace(pool, pad_block=None)
-    return DoqUpstream(url, configuration, pool, tickets=TicketFile(settings.state_dir))
+class UpstreamBuilder:
+    """Builds the upstream group from the settings, at start and on every reload.
+
+    It owns what all members share and what outlives a reload: one ticket file
+    (each DoQ member keeps its own entries in it) and the health file.
+    """
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.tickets = TicketFile(state_dir)
+        self.health_file = HealthFile(state_dir)
+
+    def member_key(self, spec: UpstreamSpec, settings: ForwardSettings) -> Hashable:
+        """Everything a member is built from: equal keys mean the member can be kept."""
+        return (
+            str(spec.url),
+            spec.tls_server_name or settings.tls_server_name,
+            spec.tls_ca_file or settings.tls_ca_file,
+            settings.padding,
+            settings.pool,
+        )
+
+    def member(self, spec: UpstreamSpec, settings: ForwardSettings) -> Upstream:
+        """One upstream from its spec (raises OSError/ValueError for bad TLS files)."""
+        url = spec.url
+        server_name = spec.tls_server_name or settings.tls_server_name or url.host
+        ca_file = spec.tls_ca_file or settings.tls_ca_file
+        configuration = client_configuration(server_name, ca_file=ca_file)
+        pool = dataclasses.replace(settings.pool, handshake_timeout=settings.timeout)
+        if not settings.padding:
+            pool = dataclasses.replace(pool, pad_block=None)
+        return DoqUpstream(url, configuration, pool, tickets=self.tickets)
+
+    def group(
+        self,
+        settings: ForwardSettings,
+        previous: UpstreamGroup | None = None,
+        wrap: Callable[[Upstream], Upstream] | None = None,
+    ) -> UpstreamGroup:
+        """The group for ``settings``; members of ``previous`` whose key did not change
+        are carried over as they are (pool, connections, health and counters)."""
+        kept = {m.key: m for m in previous.members} if previous is not None else {}
+        members = []
+        now = time.monotonic()
+        for spec in settings.upstreams:
+            key = self.member_key(spec, settings)
+            member = kept.get(key)
+            if member is None:
+                member = Member(key, self.member(spec, settings), Health())
+                self.health_file.restore(member.name, member.health, now)
+            members.append(member)
+        return UpstreamGroup(
+            members,
+            settings.selection,
+            timeout=settings.timeout,
+            health_file=self.health_file,
+            wrap=wrap,
+        )
+
+
+def make_upstream(settings: ForwardSettings) -> UpstreamGroup:
+    """The upstream group for ``settings`` (a fresh builder: tests and tools)."""
+    return UpstreamBuilder(settings.state_dir).group(settings)
 
 
 async def serve(
@@ -73,11 +134,18 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = process.stop_event()
     ops = Operations(settings.ops)
-    upstream = make_upstream(settings)
-    warm_up(upstream.configuration)
+    builder = UpstreamBuilder(settings.state_dir)
+    upstream = builder.group(settings, wrap=ops.wrap_upstream)
+    for member in upstream.members:
+        if isinstance(member.upstream, DoqUpstream):
+            warm_up(member.upstream.configuration)
+            break
     upstream.start()
     resolver = Resolver(
-        ops.wrap_upstream(upstream), timeout=settings.timeout, cache=make_cache(settings.cache)
+        upstream,
+        timeout=settings.timeout,
+        cache=make_cache(settings.cache, max_udp=settings.max_udp_size),
+        max_udp=settings.max_udp_size,
     )
     front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()
@@ -97,11 +165,17 @@ async def serve(
     log.info(
         "listening on %s, forwarding to %s",
         ", ".join(_sockname(s) for s in (*udp_socks, *tcp_socks)),
-        upstream.name,
+        ", ".join(m.name for m in upstream.members),
     )
     reloader = None
     if reload is not None:
-        reloader = Reloader(settings, reload, make_upstream, ops, resolver)
+        reloader = Reloader(
+            settings,
+            reload,
+            lambda new, old: builder.group(new, old, wrap=ops.wrap_upstream),
+            ops,
+            resolver,
+        )
         ops.on_reload = reloader
     # Everything allocated so far lives as long as the process: keep it out of the
     # collector's way, so that full collections stay short (tail latency).
@@ -133,6 +207,7 @@ async def serve(
     await ops.close()
     await resolver.aclose()
     await (ops.upstream or upstream).aclose()
+    builder.tickets.save()
     return status
 
 

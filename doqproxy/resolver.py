@@ -36,6 +36,8 @@ class ResolverStats:
     rejected: int = 0
     upstream_errors: int = 0
     rcodes: dict[int, int] = field(default_factory=dict)
+    servfails: dict[int | None, int] = field(default_factory=dict)
+    """SERVFAILs by the EDE INFO-CODE doqproxy attached; ``None``: the upstream's own."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -72,8 +74,11 @@ class Resolver:
         timeout: float = 5.0,
         opcodes: frozenset[int] = frozenset({wire.OPCODE_QUERY}),
         cache: AnswerCache | None = None,
+        max_udp: int = wire.DEFAULT_MAX_UDP,
     ) -> None:
         self.upstream = upstream
+        self.max_udp = max_udp
+        """The largest UDP reply (``--max-udp-size``); the cache, if any, has the same."""
         self.timeout = timeout
         self.opcodes = opcodes
         self.stats = ResolverStats()
@@ -172,9 +177,13 @@ class Resolver:
     def _reply(self, outcome: Outcome, question: Question, *, udp: bool) -> bytes:
         if isinstance(outcome, Failure):
             return self._failure(question, outcome.reason, outcome.ede)
-        reply = rewrite.client_reply(outcome.response, outcome.parsed, question, udp=udp)
+        reply = rewrite.client_reply(
+            outcome.response, outcome.parsed, question, udp=udp, max_udp=self.max_udp
+        )
         rcode = wire.get_rcode(reply)
         self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
+        if rcode == wire.RCODE_SERVFAIL:
+            self.stats.servfails[None] = self.stats.servfails.get(None, 0) + 1
         return reply
 
     def _refresh(self, data: bytes, question: Question) -> asyncio.Task[None]:
@@ -208,5 +217,8 @@ class Resolver:
     def _failure(self, question: Question, reason: str, ede: Ede) -> bytes:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
+        self.stats.servfails[ede] = self.stats.servfails.get(ede, 0) + 1
         log.warning("SERVFAIL for %s: %s", wire.name_text(question.qname), reason)
-        return wire.error_reply(question, wire.RCODE_SERVFAIL, ede=(ede, reason[:200]))
+        return wire.error_reply(
+            question, wire.RCODE_SERVFAIL, payload=self.max_udp, ede=(ede, reason[:200])
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any
 
@@ -12,12 +13,18 @@ from doqproxy import forwarder
 from doqproxy.cli import config
 from doqproxy.cli.cache_options import cache_options, cache_settings
 from doqproxy.cli.pool_options import pool_options, pool_settings
+from doqproxy.cli.upstream_options import upstream_options, upstream_settings
 from doqproxy.frontend.tcp import TcpLimits
-from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
+from doqproxy.net.addresses import AddressError, parse_listen
 from doqproxy.net.sockets import ListenError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
-from doqproxy.ops.privileges import PrivilegeError, drop_privileges, warn_if_root
+from doqproxy.ops.privileges import (
+    PrivilegeError,
+    drop_privileges,
+    prepare_state_dir,
+    warn_if_root,
+)
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.tickets import StateDirError, check_state_dir
 
@@ -33,13 +40,7 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
     metavar="ADDR:PORT",
     help="Address for UDP and TCP; repeatable. IPv6 as [::1]:5353.",
 )
-@click.option(
-    "-u",
-    "--upstream",
-    required=True,
-    metavar="quic://HOST[:PORT]",
-    help="The DoQ server; HOST is a name or an IP literal, the port defaults to 853.",
-)
+@upstream_options
 @click.option("--tls-ca-file", metavar="PATH", help="Trust these CAs instead of the system store.")
 @click.option(
     "--tls-server-name",
@@ -54,6 +55,13 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
     help="Seconds before an unanswered query gets SERVFAIL.",
 )
 @click.option("--no-padding", is_flag=True, help="Do not pad queries (RFC 8467).")
+@click.option(
+    "--max-udp-size",
+    type=click.IntRange(512, 65535),
+    default=1232,
+    show_default=True,
+    help="Largest UDP reply; larger answers get TC=1 so the client retries over TCP.",
+)
 @click.option(
     "--tcp-idle-timeout",
     type=click.FloatRange(min=0.1),
@@ -102,11 +110,11 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
-    upstream: str,
     tls_ca_file: str | None,
     tls_server_name: str | None,
     timeout: float,
     no_padding: bool,
+    max_udp_size: int,
     tcp_idle_timeout: float,
     tcp_message_timeout: float,
     tcp_max_connections: int,
@@ -117,17 +125,18 @@ def forward(
     verbose: int,
     **options: Any,
 ) -> None:
-    """Forward plain DNS (UDP and TCP) to a DNS-over-QUIC upstream.
+    """Forward plain DNS (UDP and TCP) to DNS-over-QUIC upstreams.
 
     \b
-    Example:
+    Examples:
       doqproxy forward -l 127.0.0.1:5353 -u quic://dns.adguard-dns.com
+      doqproxy forward -u quic://dns.adguard-dns.com -u quic://dns.nextdns.io
     """
     try:
-        url = parse_upstream(upstream, ("quic",))
         addresses = tuple(parse_listen(text) for text in listen)
     except AddressError as exc:
         raise click.ClickException(str(exc)) from None
+    upstreams, selection = upstream_settings(options, check_ca_file)
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
     try:
@@ -139,11 +148,13 @@ def forward(
         listen=addresses,
         pool=pool,
         state_dir=state_dir,
-        upstream=url,
+        upstreams=upstreams,
+        selection=selection,
         tls_ca_file=tls_ca_file,
         tls_server_name=tls_server_name,
         timeout=timeout,
         padding=not no_padding,
+        max_udp_size=max_udp_size,
         tcp=TcpLimits(
             idle_timeout=tcp_idle_timeout,
             message_timeout=tcp_message_timeout,
@@ -168,12 +179,19 @@ def forward(
         if metrics_address is not None:
             importlib.import_module("doqproxy.ops.metrics")  # before root's files are out of reach
         try:
+            if settings.state_dir is not None and os.geteuid() == 0:
+                problem = prepare_state_dir(
+                    settings.state_dir, user, default=options.get("state_dir") is None
+                )
+                if problem is not None:
+                    logging.getLogger("doqproxy").warning("%s", problem)
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None
     warn_if_root()
     try:
-        check_state_dir(state_dir)
+        if settings.state_dir is not None:
+            check_state_dir(settings.state_dir)
     except StateDirError as exc:
         raise click.ClickException(str(exc)) from None
     reload = config.reloader()

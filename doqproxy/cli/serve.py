@@ -148,6 +148,11 @@ def _backend(
     help="Half-open handshakes beyond which new clients must answer a Retry; 0: never.",
 )
 @click.option(
+    "--reuseport",
+    is_flag=True,
+    help="Share the port with other serve processes (SO_REUSEPORT); else a taken port fails.",
+)
+@click.option(
     "--ticket-lifetime",
     type=click.FloatRange(min=0),
     default=86400.0,
@@ -210,6 +215,7 @@ def serve(
     connection_prefix_v6: int,
     retry: bool,
     retry_threshold: int,
+    reuseport: bool,
     ticket_lifetime: float,
     stream_timeout: float,
     timeout: float,
@@ -238,6 +244,7 @@ def serve(
         ),
         handshake_timeout=handshake_timeout,
         notify_from=None if upstream is None else _networks(allow_notify),
+        reuseport=reuseport,
         ticket_lifetime=ticket_lifetime,
         stream_timeout=stream_timeout,
     )
@@ -246,7 +253,7 @@ def serve(
         metrics = parse_listen(metrics_listen, default_port=9154) if metrics_listen else None
         backend, opcodes = _backend(upstream, zone, origin, max_upstream_queries)
         quic = tls_configuration(cert, key, config)
-        sock = bind_udp(address)
+        sock = bind_udp(address, reuseport=reuseport)
     except (AddressError, ZoneError, ListenError) as exc:
         raise click.ClickException(str(exc)) from None
     setup_logging(verbose)
