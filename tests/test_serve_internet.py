@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from aioquic.quic.packet import QuicErrorCode
 from doqproxy.doq.admission import Admission, AdmissionLimits
 from doqproxy.frontend.doq_guard import GuardedQuicServer
 
+from .conftest import free_port
 from .serve_helpers import (
     SERVER_NAME,
     RawConnection,
@@ -159,9 +161,11 @@ async def test_half_open_handshakes_time_out_and_free_their_slots(
 async def test_per_address_and_per_prefix_caps(
     start_serve: Callable[..., ServeProcess], serve_certs: ServeCerts, zone_file: str
 ) -> None:
+    metrics_port = free_port()
     server = serve_zone(
         start_serve, serve_certs, zone_file,
         "--max-connections-per-ip", "2", "--max-connections-per-prefix", "3",
+        "--metrics-listen", f"127.0.0.1:{metrics_port}",
     )  # fmt: skip
     configuration = client_configuration(serve_certs.ca_file)
     kept: list[RawConnection] = []
@@ -183,6 +187,12 @@ async def test_per_address_and_per_prefix_caps(
         kept.append(await open_from(server.port, "127.0.2.1", configuration))
         for connection in kept:
             assert rdatas(await connection.client.ask(query("www.example.test"))) == ["192.0.2.80"]
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        exposed = text.decode()
+        assert "doqproxy_serve_refused_total 2.0" in exposed
+        assert "doqproxy_serve_active_connections 4.0" in exposed
+        assert "doqproxy_serve_handshakes 0.0" in exposed
     finally:
         for connection in kept:
             connection.close()
