@@ -356,7 +356,14 @@ class ServeCollector(Collector):
             "doqproxy_serve",
             (
                 ("connections", stats.connections, "Connections accepted."),
-                ("refused", stats.refused, "Connections refused at --max-connections."),
+                ("refused", stats.refused, "Connections refused before any TLS work (caps)."),
+                ("retries", stats.retries, "Retry packets sent to validate client addresses."),
+                (
+                    "handshake_timeouts",
+                    stats.handshake_timeouts,
+                    "Connections closed at --handshake-timeout.",
+                ),
+                ("refused_queries", stats.refused_queries, "Queries refused (0-RTT, NOTIFY)."),
                 ("queries", stats.streams, "Queries read completely."),
                 ("early_queries", stats.early_queries, "Queries that arrived as 0-RTT data."),
                 ("too_early", stats.too_early, "0-RTT queries refused with EDE 26."),
@@ -372,6 +379,9 @@ class ServeCollector(Collector):
         active = GaugeMetricFamily("doqproxy_serve_active_connections", "Open connections.")
         active.add_metric([], stats.active)
         yield active
+        handshaking = GaugeMetricFamily("doqproxy_serve_handshakes", "Handshakes under way.")
+        handshaking.add_metric([], stats.handshaking)
+        yield handshaking
 
 
 class MetricsServer:
