@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from doqproxy.cache.policy import CacheSettings
+from doqproxy.frontend.admission import AccessSettings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import HostPort, UpstreamUrl
 from doqproxy.ops.control import OpsSettings
@@ -30,3 +31,4 @@ class ForwardSettings:
     """Where session tickets persist; ``None`` keeps them in memory only."""
     ops: OpsSettings = field(default_factory=OpsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
