@@ -289,3 +289,37 @@ def test_interface_addresses_match_ip_addr() -> None:
         for info in link.get("addr_info", [])
     }
     assert ours == theirs
+
+
+# --- smaller items -----------------------------------------------------------------------
+
+
+def test_qtype_label_is_a_fixed_set() -> None:
+    from doqproxy.ops.observers import qtype_label
+
+    assert qtype_label(1) == "A" and qtype_label(65) == "HTTPS" and qtype_label(255) == "ANY"
+    labels = {qtype_label(qtype) for qtype in range(-1, 65536)}
+    assert "other" in labels and "NONE" in labels
+    assert len(labels) <= 30
+
+
+def test_failure_log_aggregates(caplog: pytest.LogCaptureFixture) -> None:
+    from doqproxy.resolver import FailureLog
+
+    now = [0.0]
+    failures = FailureLog(interval=10.0, burst=3, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="doqproxy.resolver"):
+        for _ in range(500):
+            failures.note("a.test.", "upstream: timeout")
+        for i in range(10):
+            failures.note(f"n{i}.test.", "upstream: timeout")
+        now[0] = 11.0
+        failures.note("a.test.", "upstream: timeout")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        "SERVFAIL for a.test.: upstream: timeout",
+        "SERVFAIL for n0.test.: upstream: timeout",
+        "SERVFAIL for n1.test.: upstream: timeout",
+        "8 more SERVFAIL lines were held back in 10s",
+        "SERVFAIL for a.test.: upstream: timeout (and 499 more like it)",
+    ]
