@@ -60,7 +60,7 @@ Outcome = Answer | Failure
 
 
 class FailureLog:
-    """SERVFAIL log lines without the flood: one line per (name, reason) every
+    """SERVFAIL log lines without the flood: one line per (name, EDE code) every
     ``interval`` seconds, saying how many like it were held back, and at most
     ``burst`` lines per interval in all.
 
@@ -77,12 +77,14 @@ class FailureLog:
         self.interval = interval
         self.burst = burst
         self.clock = clock
-        self._seen: dict[tuple[str, str], list[float]] = {}  # key -> [logged at, held back]
+        self._seen: dict[tuple[str, int], list[float]] = {}  # key -> [logged at, held back]
         self._window = -interval
         self._lines = 0
         self._held = 0
 
-    def note(self, name: str, reason: str) -> None:
+    def note(self, name: str, ede: int, reason: str) -> None:
+        """Log (or count) one SERVFAIL; the reason text may vary within one key
+        (backoff times, error details), the line shows the latest."""
         now = self.clock()
         if now - self._window >= self.interval:
             if self._held:
@@ -94,7 +96,7 @@ class FailureLog:
                 self._seen = {
                     k: v for k, v in self._seen.items() if now - v[0] < self.interval or v[1]
                 }
-        key = (name, reason)
+        key = (name, ede)
         seen = self._seen.get(key)
         if seen is not None and now - seen[0] < self.interval:
             seen[1] += 1
@@ -260,5 +262,5 @@ class Resolver:
     def _failure(self, question: Question, reason: str, ede: Ede) -> bytes:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
-        self.failure_log.note(wire.name_text(question.qname), reason)
+        self.failure_log.note(wire.name_text(question.qname), ede, reason)
         return wire.error_reply(question, wire.RCODE_SERVFAIL, ede=(ede, reason[:200]))

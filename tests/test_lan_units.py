@@ -310,11 +310,11 @@ def test_failure_log_aggregates(caplog: pytest.LogCaptureFixture) -> None:
     failures = FailureLog(interval=10.0, burst=3, clock=lambda: now[0])
     with caplog.at_level("WARNING", logger="doqproxy.resolver"):
         for _ in range(500):
-            failures.note("a.test.", "upstream: timeout")
+            failures.note("a.test.", 22, "upstream: timeout")
         for i in range(10):
-            failures.note(f"n{i}.test.", "upstream: timeout")
+            failures.note(f"n{i}.test.", 22, "upstream: timeout")
         now[0] = 11.0
-        failures.note("a.test.", "upstream: timeout")
+        failures.note("a.test.", 22, "upstream: timeout")
     lines = [record.getMessage() for record in caplog.records]
     assert lines == [
         "SERVFAIL for a.test.: upstream: timeout",
