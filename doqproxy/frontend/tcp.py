@@ -20,6 +20,7 @@ import asyncio
 import logging
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from doqproxy.dns import wire
@@ -140,7 +141,8 @@ class TcpFrontEnd:
     def _shed(self) -> None:
         total = 0
         for connection in self._connections:
-            connection.buffered = connection.writer.transport.get_write_buffer_size()
+            transport = connection.writer.transport
+            connection.buffered = transport.get_write_buffer_size() + connection.queued
             total += connection.buffered
         self.buffered = total
         while self.buffered > self.limits.write_budget and self._connections:
@@ -182,6 +184,10 @@ class _Connection:
         self.slots = asyncio.Semaphore(front.limits.max_pipelined)
         self.opened = time.monotonic()
         self.buffered = 0
+        """Octets of answers not yet sent: ours queued plus the transport's."""
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.flusher: asyncio.Task[None] | None = None
         self.waiting = False
         """Waiting for the first octet of a message."""
 
@@ -190,10 +196,14 @@ class _Connection:
         return self.waiting and not self.pending
 
     def close(self) -> None:
-        """Drop everything: unsent answers, queries in flight, the slot."""
+        """Drop everything: queued and unsent answers, queries in flight, the slot."""
         self.front.release(self)
+        self.queue.clear()
+        self.queued = 0
         for task in list(self.pending):
             task.cancel()
+        if self.flusher is not None:
+            self.flusher.cancel()
         transport = self.writer.transport
         if transport.get_write_buffer_size():
             transport.abort()  # unsent answers for a client that stopped reading
@@ -205,11 +215,8 @@ class _Connection:
         limits = front.limits
         admission = front.admission
         while True:
-            # Flow control: no new queries until the client reads its answers.
-            if (
-                self.writer.transport.get_write_buffer_size() > limits.high_water
-                and not await self._drain()
-            ):
+            # Flow control: no new queries until the client has read its answers.
+            if not await self._flushed():
                 return
             message = await self._read_message(limits)
             if message is None:
@@ -221,7 +228,7 @@ class _Connection:
             if verdict is not None:
                 if verdict:
                     self._send(verdict)
-                if not self.client.allowed or not await self._drain():
+                if not self.client.allowed:
                     break
                 continue
             reply = front.resolver.cached_reply(message, udp=False, client=self.peer)
@@ -229,8 +236,6 @@ class _Connection:
                 reply = admission.overloaded(message, len(front.inflight))
             if reply is not None:
                 self._send(reply)
-                if not await self._drain():
-                    break
                 continue
             await self.slots.acquire()
             task = front.inflight.spawn(self._answer(message))
@@ -239,6 +244,7 @@ class _Connection:
         if self.pending:
             # The client half-closed after its last query: answer what is in flight.
             await asyncio.wait(set(self.pending))
+        await self._flushed()
 
     async def _read_message(self, limits: TcpLimits) -> bytes | None:
         """The next message, or ``None`` on EOF, idle timeout, maximum age or a blown deadline."""
@@ -282,24 +288,66 @@ class _Connection:
             self.slots.release()
         if reply is not None:
             self._send(reply)
-            await self._drain()
 
     def _send(self, reply: bytes) -> None:
-        """Write one framed reply, dropping it quietly if the client has gone."""
+        """Write one framed reply, or queue it while the client is behind; drop it
+        quietly if the client has gone."""
         writer = self.writer
         if writer.is_closing():
             return
         if len(reply) > 3 and reply[3] & 0x0F == wire.RCODE_SERVFAIL:
             reply = self.front.admission.ede_for(reply, self.client)
-        # Two writes, not a concatenation: no copy of the answer just to prefix it.
-        writer.write(_U16.pack(len(reply)))
-        writer.write(reply)
-        self.front.note_buffered(self, writer.transport.get_write_buffer_size())
+        transport = writer.transport
+        if not self.queue and transport.get_write_buffer_size() < self.front.limits.high_water:
+            # Two writes, not a concatenation: no copy of the answer just to prefix it.
+            writer.write(_U16.pack(len(reply)))
+            writer.write(reply)
+        else:
+            # Our own queue holds references, not copies, and close() frees it at
+            # once; a transport's buffer is only freed on a later loop turn.
+            self.queue.append(reply)
+            self.queued += len(reply) + 2
+            if self.flusher is None:
+                self.flusher = asyncio.get_running_loop().create_task(self._flush())
+        self.front.note_buffered(self, transport.get_write_buffer_size() + self.queued)
+
+    async def _flush(self) -> None:
+        """Feed queued answers to the transport as the client reads."""
+        writer = self.writer
+        try:
+            while self.queue:
+                if not await self._drain():
+                    return
+                transport = writer.transport
+                high_water = self.front.limits.high_water
+                while self.queue and transport.get_write_buffer_size() < high_water:
+                    reply = self.queue.popleft()
+                    self.queued -= len(reply) + 2
+                    writer.write(_U16.pack(len(reply)))
+                    writer.write(reply)
+                self.front.note_buffered(self, transport.get_write_buffer_size() + self.queued)
+        finally:
+            self.flusher = None
+
+    async def _flushed(self) -> bool:
+        """Wait until queued answers are with the transport and it is below its
+        high-water mark; ``False`` if the connection was closed meanwhile."""
+        while self.queue or (
+            self.writer.transport.get_write_buffer_size() > self.front.limits.high_water
+        ):
+            flusher = self.flusher
+            if flusher is not None:
+                await asyncio.wait({flusher})
+            elif not await self._drain():
+                return False
+            if self.writer.is_closing():
+                return False
+        return not self.writer.is_closing()
 
     async def _drain(self) -> bool:
         """Wait while the client is not reading our answers (the transport pauses us
-        above 64 KiB of unsent data). A client that stays stalled past the message
-        deadline is cut off and its buffer dropped: ``False``."""
+        above ``high_water``). A client that stays stalled past the message deadline
+        is cut off and its answers dropped: ``False``."""
         writer = self.writer
         try:
             async with asyncio.timeout(self.front.limits.message_timeout):
@@ -310,6 +358,4 @@ class _Connection:
             return False
         except (ConnectionError, OSError):
             return False
-        if not writer.is_closing():
-            self.front.note_buffered(self, writer.transport.get_write_buffer_size())
         return not writer.is_closing()
