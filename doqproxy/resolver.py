@@ -1,6 +1,6 @@
 """The one request pipeline that every front end (UDP, TCP, DoQ) hands queries to.
 
-validate → cache → coalesce → upstream → cache → reply. Each step is a pure
+validate → local zones → cache → coalesce → upstream → cache → reply. Each step is a pure
 function from :mod:`doqproxy.dns.validate`, :mod:`doqproxy.cache.policy` or
 :mod:`doqproxy.dns.rewrite`; this module only sequences them, applies the deadline
 and turns failures into SERVFAIL with an Extended DNS Error saying why, or into
@@ -24,6 +24,7 @@ from doqproxy.coalesce import Coalescer
 from doqproxy.dns import rewrite, validate, wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
+from doqproxy.routing.local_zones import LocalZones
 from doqproxy.upstream.base import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,12 @@ class ResolverStats:
     queries: int = 0
     dropped: int = 0
     rejected: int = 0
+    local: int = 0
+    """Answered from a locally served zone (never sent upstream)."""
     upstream_errors: int = 0
     rcodes: dict[int, int] = field(default_factory=dict)
+    servfails: dict[int | None, int] = field(default_factory=dict)
+    """SERVFAILs by the EDE INFO-CODE doqproxy attached; ``None``: the upstream's own."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -125,8 +130,14 @@ class Resolver:
         timeout: float = 5.0,
         opcodes: frozenset[int] = frozenset({wire.OPCODE_QUERY}),
         cache: AnswerCache | None = None,
+        max_udp: int = wire.DEFAULT_MAX_UDP,
+        local: LocalZones | None = None,
     ) -> None:
         self.upstream = upstream
+        self.max_udp = max_udp
+        """The largest UDP reply (``--max-udp-size``); the cache, if any, has the same."""
+        self.local = local
+        """Names answered here (localhost., private reverse zones, ...); swapped on reload."""
         self.timeout = timeout
         self.opcodes = opcodes
         self.stats = ResolverStats()
@@ -170,6 +181,14 @@ class Resolver:
                 self.stats.rejected += 1
             log.debug("rejected query: %s", verdict.reason)
             return verdict.reply
+        local = self.local
+        if local:
+            reply = local.reply(verdict, payload=self.max_udp)
+            if reply is not None:
+                self.stats.local += 1
+                rcode = wire.get_rcode(reply)
+                self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
+                return reply
         return await self.forward(data, verdict, udp=udp)
 
     async def forward(self, data: bytes, question: Question, *, udp: bool) -> bytes:
@@ -226,9 +245,13 @@ class Resolver:
     def _reply(self, outcome: Outcome, question: Question, *, udp: bool) -> bytes:
         if isinstance(outcome, Failure):
             return self._failure(question, outcome.reason, outcome.ede)
-        reply = rewrite.client_reply(outcome.response, outcome.parsed, question, udp=udp)
+        reply = rewrite.client_reply(
+            outcome.response, outcome.parsed, question, udp=udp, max_udp=self.max_udp
+        )
         rcode = wire.get_rcode(reply)
         self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
+        if rcode == wire.RCODE_SERVFAIL:
+            self.stats.servfails[None] = self.stats.servfails.get(None, 0) + 1
         return reply
 
     def _refresh(self, data: bytes, question: Question) -> asyncio.Task[None]:
@@ -262,5 +285,8 @@ class Resolver:
     def _failure(self, question: Question, reason: str, ede: Ede) -> bytes:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
+        self.stats.servfails[ede] = self.stats.servfails.get(ede, 0) + 1
         self.failure_log.note(wire.name_text(question.qname), ede, reason)
-        return wire.error_reply(question, wire.RCODE_SERVFAIL, ede=(ede, reason[:200]))
+        return wire.error_reply(
+            question, wire.RCODE_SERVFAIL, payload=self.max_udp, ede=(ede, reason[:200])
+        )

@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from .doq_fixture import DoqTestUpstream
+from .nobody import NobodyPython, find_nobody_python
 
 SERVER_NAME = "doq.test"
 
@@ -49,6 +50,17 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return paths
 
 
+@pytest.fixture(scope="session")
+def nobody_python() -> Iterator[NobodyPython]:
+    """A Python command that ``nobody`` can run doqproxy with (see tests/nobody.py)."""
+    python = find_nobody_python()
+    yield python
+    if python.copy is not None:
+        import shutil
+
+        shutil.rmtree(python.copy, ignore_errors=True)
+
+
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1."""
     for _ in range(50):
@@ -79,10 +91,10 @@ def doqproxy_command(*args: str) -> list[str]:
 class ManagedProcess:
     """A ``doqproxy`` subprocess logging to a file, stopped by its own handle."""
 
-    def __init__(self, argv: list[str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.stderr_path = log_path
         self._stderr = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = env or dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._stderr, env=env)
 
     def stderr(self) -> str:
@@ -107,8 +119,13 @@ class ManagedProcess:
 class ProxyProcess(ManagedProcess):
     """``doqproxy ARGS`` listening on ``port`` (TCP accepting means ready)."""
 
-    def __init__(self, args: list[str], port: int, stderr_path: Path) -> None:
-        super().__init__(doqproxy_command(*args), stderr_path)
+    def __init__(
+        self, args: list[str], port: int, stderr_path: Path, python: NobodyPython | None = None
+    ) -> None:
+        if python is None:
+            super().__init__(doqproxy_command(*args), stderr_path)
+        else:
+            super().__init__(python.command(*args), stderr_path, python.environ())
         self.port = port
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -130,7 +147,11 @@ def start_proxy(tmp_path: Path, certs: Certs) -> Iterator[object]:
     started: list[ProxyProcess] = []
 
     def start(
-        upstream_port: int, *extra: str, ca_file: str | None = None, cache: bool = False
+        upstream_port: int,
+        *extra: str,
+        ca_file: str | None = None,
+        cache: bool = False,
+        python: NobodyPython | None = None,
     ) -> ProxyProcess:
         """Most tests look at the upstream side, so the cache is off unless asked for."""
         port = free_port()
@@ -146,7 +167,7 @@ def start_proxy(tmp_path: Path, certs: Certs) -> Iterator[object]:
             args += ["--state-dir", str(tmp_path / "state")]
         if not cache:
             args.append("--no-cache")
-        proxy = ProxyProcess(args, port, tmp_path / f"proxy-{port}.log")
+        proxy = ProxyProcess(args, port, tmp_path / f"proxy-{port}.log", python)
         started.append(proxy)
         proxy.wait_ready()
         return proxy

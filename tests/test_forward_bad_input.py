@@ -17,6 +17,7 @@ import pytest
 
 from .conftest import ProxyProcess, doqproxy_command, free_port
 from .doq_fixture import DoqTestUpstream
+from .nobody import NOBODY, NobodyPython
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -33,6 +34,16 @@ def query(
 OPT_V0 = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 OPT_V1 = b"\x00\x00\x29\x04\xd0\x00\x01\x00\x00\x00\x00"
 A_RECORD = b"\x01a\x04test\x00\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xc0\x00\x02\x01"
+_TSIG_RDATA = (
+    b"\x0bhmac-sha256\x00"
+    + b"\x00\x00\x65\x00\x00\x00"
+    + b"\x01\x2c\x00\x00\x12\x34\x00\x00\x00\x00"
+)
+TSIG_RECORD = (
+    b"\x03key\x00\x00\xfa\x00\xff\x00\x00\x00\x00"
+    + len(_TSIG_RDATA).to_bytes(2, "big")
+    + _TSIG_RDATA
+)
 
 # (case, query, expected rcode or None for "dropped")
 CASES: list[tuple[str, bytes, int | None]] = [
@@ -59,6 +70,16 @@ CASES: list[tuple[str, bytes, int | None]] = [
         query(counts=(1, 0, 1, 0), body=QUESTION_A[:-4] + b"\x00\xfb\x00\x01" + A_RECORD),
         dns.rcode.REFUSED,
     ),
+    # Queries carrying records must never reach the upstream byte for byte.
+    ("answer-record", query(counts=(1, 1, 0, 0), body=QUESTION_A + A_RECORD), dns.rcode.FORMERR),
+    ("authority-record", query(counts=(1, 0, 1, 0), body=QUESTION_A + A_RECORD), dns.rcode.FORMERR),
+    ("lone-tsig", query(counts=(1, 0, 0, 1), body=QUESTION_A + TSIG_RECORD), dns.rcode.FORMERR),
+    (
+        "opt-and-tsig",
+        query(counts=(1, 0, 0, 2), body=QUESTION_A + OPT_V0 + TSIG_RECORD),
+        dns.rcode.FORMERR,
+    ),
+    ("extra-a-record", query(counts=(1, 0, 0, 1), body=QUESTION_A + A_RECORD), dns.rcode.FORMERR),
 ]
 
 
@@ -208,11 +229,17 @@ async def test_per_ip_connection_limit(upstream: DoqTestUpstream, start_proxy: S
         w.close()
 
 
-def run_cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    command = doqproxy_command(*args)
-    if user is not None:
-        command = ["setpriv", f"--reuid={user}", "--regid=65534", "--clear-groups", *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+def run_cli(*args: str, nobody: NobodyPython | None = None) -> subprocess.CompletedProcess[str]:
+    if nobody is None:
+        return subprocess.run(doqproxy_command(*args), capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [*NOBODY, *nobody.command(*args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=nobody.environ(),
+        cwd="/",
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -259,11 +286,13 @@ def test_cli_address_in_use() -> None:
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch to nobody"
 )
-def test_cli_permission_denied_below_1024() -> None:
+def test_cli_permission_denied_below_1024(nobody_python: NobodyPython) -> None:
     with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as handle:
         if int(handle.read()) <= 53:
             pytest.skip("unprivileged users may bind port 53 on this kernel")
-    result = run_cli("forward", "-l", "127.0.0.1:53", "-u", "quic://127.0.0.1", user="nobody")
+    result = run_cli(
+        "forward", "-l", "127.0.0.1:53", "-u", "quic://127.0.0.1", nobody=nobody_python
+    )
     assert_one_line_error(result, "permission denied", "CAP_NET_BIND_SERVICE", "socket activation")
 
 

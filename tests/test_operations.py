@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import Certs, ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
+from .nobody import NobodyPython
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -184,7 +185,7 @@ def _uids(pid: int) -> list[int]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 async def test_user_drops_root(
-    upstream: DoqTestUpstream, start_proxy: StartProxy, certs: Certs
+    upstream: DoqTestUpstream, start_proxy: StartProxy, certs: Certs, nobody_python: NobodyPython
 ) -> None:
     """After binding, the process runs as nobody; it reads the CA file and keeps its
     tickets as that user, so both live where nobody may read and write."""
@@ -203,6 +204,7 @@ async def test_user_drops_root(
             "--metrics-listen", f"127.0.0.1:{metrics_port}",
             "--state-dir", str(state),
             ca_file=str(ca_file),
+            python=nobody_python,
         )  # fmt: skip
         await _check_dropped(proxy, nobody.pw_uid, metrics_port)
     finally:

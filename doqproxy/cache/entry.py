@@ -200,7 +200,14 @@ class CacheEntry:
         return b"".join((query_id, head, question, body, opt))
 
 
-def build_entry(response: bytes, parsed: Question, *, now: float, policy: TtlPolicy) -> CacheEntry:
+def build_entry(
+    response: bytes,
+    parsed: Question,
+    *,
+    now: float,
+    policy: TtlPolicy,
+    payload: int = rewrite.OUR_UDP_PAYLOAD,
+) -> CacheEntry:
     """Walk a checked upstream answer once and build its entry.
 
     ``parsed`` is :func:`doqproxy.dns.rewrite.check_response` of ``response``. Raises
@@ -254,7 +261,7 @@ def build_entry(response: bytes, parsed: Question, *, now: float, policy: TtlPol
         head=_shared(head),
         template=bytes(template),
         ttl_offsets=_shared_offsets(ttl_offsets),
-        opt=_shared(rewrite.response_opt(_NO_EDNS, edns) or b""),
+        opt=_shared(rewrite.response_opt(_NO_EDNS, edns, payload) or b""),
         ttl=_shared_int(ttl),
         stored_at=now,
         nx_by_name=rcode == wire.RCODE_NXDOMAIN and an == 0,

@@ -100,8 +100,11 @@ class AnswerCache:
         settings: CacheSettings | None = None,
         *,
         clock: Clock = time.monotonic,
+        max_udp: int = wire.DEFAULT_MAX_UDP,
     ) -> None:
         self.clock = clock
+        self.max_udp = max_udp
+        """The largest UDP reply served and the payload size advertised (``--max-udp-size``)."""
         self.stats = CacheStats()
         self.prefetch_hook: PrefetchHook | None = None
         self._apply(settings or CacheSettings())
@@ -191,6 +194,8 @@ class AnswerCache:
             do = data[end + 7] >> 7
             if udp:
                 limit = max((data[end + 3] << 8) | data[end + 4], wire.MIN_UDP_PAYLOAD)
+                if limit > self.max_udp:
+                    limit = self.max_udp
         elif end != size:
             return None
         elif udp:
@@ -265,7 +270,7 @@ class AnswerCache:
             (question.flags & wire.FLAG_RD) >> 8,
             question_bytes(question),
             edns=question.edns is not None,
-            limit=wire.udp_payload_limit(question) if udp else _NO_LIMIT,
+            limit=wire.udp_payload_limit(question, self.max_udp) if udp else _NO_LIMIT,
             body=entry.body(int(age)),
         )
 
@@ -277,7 +282,7 @@ class AnswerCache:
             (question.flags & wire.FLAG_RD) >> 8,
             question_bytes(question),
             edns=question.edns is not None,
-            limit=wire.udp_payload_limit(question) if udp else _NO_LIMIT,
+            limit=wire.udp_payload_limit(question, self.max_udp) if udp else _NO_LIMIT,
             body=entry.stale(),
             ede_stale=True,
         )
@@ -326,7 +331,9 @@ class AnswerCache:
         if not question.flags & wire.FLAG_RD:
             return self._not_stored("RD=0 query")
         try:
-            entry = build_entry(response, parsed, now=self.clock(), policy=self._policy)
+            entry = build_entry(
+                response, parsed, now=self.clock(), policy=self._policy, payload=self.max_udp
+            )
         except Uncacheable as exc:
             return self._not_stored(str(exc))
         except (wire.WireError, struct.error) as exc:
@@ -351,10 +358,31 @@ class AnswerCache:
         log.debug("answer not cached: %s", reason)
         return False
 
+    def drop_names(self, predicate: Callable[[bytes], bool]) -> int:
+        """Drop every entry whose name (lower-case wire form) ``predicate`` accepts,
+        e.g. the names of a route that changed on reload. Returns how many."""
+        doomed = [key for key, _ in self._store.items() if predicate(_key_name(key))]
+        for key in doomed:
+            self._store.pop(key)
+        return len(doomed)
+
     def clear(self) -> None:
         self._store.clear()
 
 
-def make_cache(settings: CacheSettings, *, clock: Clock = time.monotonic) -> AnswerCache | None:
+def make_cache(
+    settings: CacheSettings,
+    *,
+    clock: Clock = time.monotonic,
+    max_udp: int = wire.DEFAULT_MAX_UDP,
+) -> AnswerCache | None:
     """An :class:`AnswerCache`, or ``None`` when caching is turned off."""
-    return AnswerCache(settings, clock=clock) if settings.enabled else None
+    return AnswerCache(settings, clock=clock, max_udp=max_udp) if settings.enabled else None
+
+
+def _key_name(key: bytes) -> bytes:
+    """The name at the start of a cache key (uncompressed wire form)."""
+    pos = 0
+    while key[pos]:
+        pos += 1 + key[pos]
+    return key[: pos + 1]

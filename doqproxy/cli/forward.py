@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Any
 
@@ -13,13 +14,23 @@ from doqproxy.cli import config
 from doqproxy.cli.access_options import access_options, access_settings, tcp_limits
 from doqproxy.cli.cache_options import cache_options, cache_settings
 from doqproxy.cli.pool_options import pool_options, pool_settings
+from doqproxy.cli.route_options import (
+    route_options,
+    routing_settings,
+    upstream_names,
+    with_stamp_addresses,
+)
+from doqproxy.cli.upstream_options import upstream_options, upstream_settings
 from doqproxy.frontend.tcp import TcpLimits
-from doqproxy.net.addresses import AddressError, parse_listen, parse_upstream
+from doqproxy.net.addresses import AddressError, parse_listen
 from doqproxy.net.sockets import ListenError
+from doqproxy.net.stamps import StampError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
-from doqproxy.ops.privileges import PrivilegeError, drop_privileges
+from doqproxy.ops.privileges import PrivilegeError, drop_privileges, prepare_state_dir
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.bootstrap import BootstrapError, check_no_loop
+from doqproxy.upstream.targets import Target
 
 
 @click.command(cls=config.ConfigCommand)
@@ -33,13 +44,7 @@ from doqproxy.settings import ForwardSettings
     metavar="ADDR:PORT",
     help="Address for UDP and TCP; repeatable. IPv6 as [::1]:5353.",
 )
-@click.option(
-    "-u",
-    "--upstream",
-    required=True,
-    metavar="quic://HOST[:PORT]",
-    help="The DoQ server; HOST is a name or an IP literal, the port defaults to 853.",
-)
+@upstream_options
 @click.option("--tls-ca-file", metavar="PATH", help="Trust these CAs instead of the system store.")
 @click.option(
     "--tls-server-name",
@@ -54,6 +59,13 @@ from doqproxy.settings import ForwardSettings
     help="Seconds before an unanswered query gets SERVFAIL.",
 )
 @click.option("--no-padding", is_flag=True, help="Do not pad queries (RFC 8467).")
+@click.option(
+    "--max-udp-size",
+    type=click.IntRange(512, 65535),
+    default=1232,
+    show_default=True,
+    help="Largest UDP reply; larger answers get TC=1 so the client retries over TCP.",
+)
 @click.option(
     "--tcp-idle-timeout",
     type=click.FloatRange(min=0.1),
@@ -99,15 +111,16 @@ from doqproxy.settings import ForwardSettings
 )
 @pool_options
 @cache_options
+@route_options
 @access_options
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
-    upstream: str,
     tls_ca_file: str | None,
     tls_server_name: str | None,
     timeout: float,
     no_padding: bool,
+    max_udp_size: int,
     tcp_idle_timeout: float,
     tcp_message_timeout: float,
     tcp_max_connections: int,
@@ -118,17 +131,21 @@ def forward(
     verbose: int,
     **options: Any,
 ) -> None:
-    """Forward plain DNS (UDP and TCP) to a DNS-over-QUIC upstream.
+    """Forward plain DNS (UDP and TCP) to DNS-over-QUIC upstreams.
 
     \b
-    Example:
+    Examples:
       doqproxy forward -l 127.0.0.1:5353 -u quic://dns.adguard-dns.com
+      doqproxy forward -u quic://dns.adguard-dns.com -u quic://dns.nextdns.io
     """
     try:
-        url = parse_upstream(upstream, ("quic",))
         addresses = tuple(parse_listen(text) for text in listen)
-    except AddressError as exc:
+    except (AddressError, StampError) as exc:
         raise click.ClickException(str(exc)) from None
+    upstreams, selection = upstream_settings(options, check_ca_file)
+    routing = routing_settings(options)
+    for spec in upstreams:  # a stamp carries the address to use
+        routing = with_stamp_addresses(routing, Target(spec.url, spec.addresses))
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
     try:
@@ -140,11 +157,13 @@ def forward(
         listen=addresses,
         pool=pool,
         state_dir=state_dir,
-        upstream=url,
+        upstreams=upstreams,
+        selection=selection,
         tls_ca_file=tls_ca_file,
         tls_server_name=tls_server_name,
         timeout=timeout,
         padding=not no_padding,
+        max_udp_size=max_udp_size,
         tcp=tcp_limits(
             options,
             TcpLimits(
@@ -159,9 +178,18 @@ def forward(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
         cache=cache_settings(options),
+        routing=routing,
     )
     if config.deliver(settings):  # check-config or a reload: settings only
         return
+    try:
+        check_no_loop(
+            upstream_names(settings),
+            [(a.host, a.port) for a in settings.listen],
+            bootstrap=bool(settings.routing.bootstrap),
+        )
+    except BootstrapError as exc:
+        raise click.ClickException(str(exc)) from None
     process.setup_logging(verbose)
     try:
         sockets = systemd.listen_sockets() or forwarder.bind_all(settings)
@@ -173,6 +201,12 @@ def forward(
         if metrics_address is not None:
             importlib.import_module("doqproxy.ops.metrics")  # before root's files are out of reach
         try:
+            if settings.state_dir is not None and os.geteuid() == 0:
+                problem = prepare_state_dir(
+                    settings.state_dir, user, default=options.get("state_dir") is None
+                )
+                if problem is not None:
+                    logging.getLogger("doqproxy").warning("%s", problem)
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None

@@ -79,6 +79,11 @@ def _backend(
 )
 @click.option("--retry", is_flag=True, help="Validate client addresses with a stateless Retry.")
 @click.option(
+    "--reuseport",
+    is_flag=True,
+    help="Share the port with other serve processes (SO_REUSEPORT); else a taken port fails.",
+)
+@click.option(
     "--ticket-lifetime",
     type=click.FloatRange(min=0),
     default=86400.0,
@@ -116,6 +121,7 @@ def serve(
     max_streams: int,
     max_connections: int,
     retry: bool,
+    reuseport: bool,
     ticket_lifetime: float,
     stream_timeout: float,
     timeout: float,
@@ -128,6 +134,7 @@ def serve(
         max_streams=max_streams,
         max_connections=max_connections,
         retry=retry,
+        reuseport=reuseport,
         ticket_lifetime=ticket_lifetime,
         stream_timeout=stream_timeout,
     )

@@ -20,8 +20,8 @@ QUERY_PADDING_BLOCK = 128
 """RFC 8467 §4.1: clients pad queries to a multiple of 128 octets."""
 RESPONSE_PADDING_BLOCK = 468
 """RFC 8467 §4.1: servers pad responses to a multiple of 468 octets."""
-OUR_UDP_PAYLOAD = 1232
-"""The payload size we advertise (DNS flag day 2020)."""
+OUR_UDP_PAYLOAD = wire.DEFAULT_MAX_UDP
+"""The payload size we advertise by default (DNS flag day 2020)."""
 
 _DROP_UPSTREAM = frozenset(
     {wire.OPTION_KEEPALIVE, wire.OPTION_PADDING, wire.OPTION_COOKIE, wire.OPTION_ECS}
@@ -57,7 +57,9 @@ def upstream_query(data: bytes, question: Question, *, pad_block: int | None) ->
     return wire.replace_opt(body, edns, opt)
 
 
-def response_opt(client_edns: Edns | None, response_edns: Edns | None) -> bytes | None:
+def response_opt(
+    client_edns: Edns | None, response_edns: Edns | None, payload: int = OUR_UDP_PAYLOAD
+) -> bytes | None:
     """The OPT record a client should see in the reply, or ``None`` for none.
 
     It carries our payload size, the response's extended RCODE and DO bit, and the
@@ -66,10 +68,10 @@ def response_opt(client_edns: Edns | None, response_edns: Edns | None) -> bytes 
     if client_edns is None:
         return None
     if response_edns is None:
-        return wire.encode_opt(OUR_UDP_PAYLOAD)
+        return wire.encode_opt(payload)
     options = [opt for opt in response_edns.options if opt[0] not in _DROP_UPSTREAM]
     return wire.encode_opt(
-        OUR_UDP_PAYLOAD,
+        payload,
         options,
         flags=response_edns.flags & wire.EDNS_DO,
         ext_rcode=response_edns.ext_rcode,
@@ -99,12 +101,15 @@ def client_reply(
     question: Question,
     *,
     udp: bool,
+    max_udp: int = OUR_UDP_PAYLOAD,
 ) -> bytes:
     """Shape a checked upstream answer for the client that sent ``question``.
 
-    ``parsed`` is the result of :func:`check_response` on ``response``.
+    ``parsed`` is the result of :func:`check_response` on ``response``. Over UDP
+    the reply is truncated (TC=1) beyond the client's limit or ``max_udp``,
+    whichever is smaller; ``max_udp`` is also the payload size our OPT advertises.
     """
-    opt = response_opt(question.edns, parsed.edns)
+    opt = response_opt(question.edns, parsed.edns, max_udp)
     reply = response
     if parsed.edns is not None and parsed.edns.end != len(response):
         # Records follow the OPT (a TSIG must be last). Resizing the OPT would move
@@ -119,7 +124,7 @@ def client_reply(
         reply = struct.pack("!H", question.id) + reply[2:12] + question.qname + reply[name_end:]
     else:
         reply = struct.pack("!H", question.id) + reply[2:]
-    if udp and len(reply) > wire.udp_payload_limit(question):
+    if udp and len(reply) > wire.udp_payload_limit(question, max_udp):
         return wire.truncated_reply(question, reply, opt)
     return reply
 

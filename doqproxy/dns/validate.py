@@ -14,6 +14,8 @@ more than one OPT, or OPT outside additional           FORMERR
 EDNS version != 0                                      BADVERS
 meta QTYPE (OPT, TSIG, TKEY, 128-254 except ANY)       FORMERR
 AXFR or IXFR                                           REFUSED
+records: ANCOUNT != 0 (but NOTIFY), NSCOUNT != 0, or   FORMERR
+an additional record other than one OPT (e.g. TSIG)
 =====================================================  ==========================
 """
 
@@ -40,6 +42,26 @@ def is_meta_qtype(qtype: int) -> bool:
 
 # AXFR, IXFR and the obsolete MAILB/MAILA are real questions; TSIG and TKEY are not.
 _QUESTION_META = frozenset({wire.TYPE_IXFR, wire.TYPE_AXFR, 253, 254})
+
+
+def _carried_records(data: bytes, question: Question) -> str:
+    """Why a query carrying records must not be forwarded, or ``""``.
+
+    A stub query holds a question and at most its OPT. Anything else (another
+    client's TSIG, an answer or authority section) would reach the upstream byte
+    for byte, so it is refused as Unbound's worker_check_request does. NOTIFY
+    legitimately carries the zone's SOA in its answer section (RFC 1996).
+    """
+    an = (data[6] << 8) | data[7]
+    ns = (data[8] << 8) | data[9]
+    ar = (data[10] << 8) | data[11]
+    if an and question.opcode != wire.OPCODE_NOTIFY:
+        return f"query carries {an} answer record(s)"
+    if ns:
+        return f"query carries {ns} authority record(s)"
+    if ar > (1 if question.edns is not None else 0):
+        return "query carries additional records besides its OPT"
+    return ""
 
 
 def classify(
@@ -69,4 +91,7 @@ def classify(
         )
     if question.qtype in (wire.TYPE_AXFR, wire.TYPE_IXFR):
         return Rejected("zone transfer", wire.error_reply(question, wire.RCODE_REFUSED))
+    carried = _carried_records(data, question)
+    if carried:
+        return Rejected(carried, wire.error_reply(question, wire.RCODE_FORMERR))
     return question

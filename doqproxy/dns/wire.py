@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 HEADER_LEN = 12
 MIN_UDP_PAYLOAD = 512
+DEFAULT_MAX_UDP = 1232
+"""The largest UDP reply we send and the payload size we advertise: the DNS Flag Day
+2020 value, as Unbound's ``max-udp-size`` and dnsmasq's ``edns-packet-max``."""
 MAX_MESSAGE = 65535
 
 # Header flag bits (second 16-bit word).
@@ -286,11 +289,13 @@ def is_truncated(data: bytes) -> bool:
     return bool(data[2] & (FLAG_TC >> 8))
 
 
-def udp_payload_limit(question: Question) -> int:
-    """The largest UDP response the client accepts (RFC 6891 §6.2.5)."""
+def udp_payload_limit(question: Question, cap: int = DEFAULT_MAX_UDP) -> int:
+    """The largest UDP response we send this client: what it accepts (RFC 6891
+    §6.2.5), but never more than ``cap`` (``--max-udp-size``), so that a large
+    EDNS buffer cannot turn us into an amplifier."""
     if question.edns is None:
         return MIN_UDP_PAYLOAD
-    return max(question.edns.payload, MIN_UDP_PAYLOAD)
+    return min(max(question.edns.payload, MIN_UDP_PAYLOAD), max(cap, MIN_UDP_PAYLOAD))
 
 
 # --- building OPT records and messages --------------------------------------

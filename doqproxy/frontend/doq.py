@@ -63,6 +63,8 @@ class DoqListenerConfig:
     """Seconds a session ticket stays valid; 0 turns tickets (and 0-RTT) off."""
     stream_timeout: float = 5.0
     """Seconds a query has to arrive completely on its stream."""
+    reuseport: bool = False
+    """Bind with SO_REUSEPORT, so that several processes share the port on purpose."""
 
 
 def tls_configuration(cert: str, key: str, config: DoqListenerConfig) -> QuicConfiguration:
@@ -83,12 +85,19 @@ def tls_configuration(cert: str, key: str, config: DoqListenerConfig) -> QuicCon
     return quic
 
 
-def bind_udp(address: HostPort) -> socket.socket:
-    """A non-blocking UDP socket bound with SO_REUSEPORT, as CoreDNS binds its listeners."""
+def bind_udp(address: HostPort, *, reuseport: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``address``.
+
+    Without ``reuseport`` a port that another process holds is an error: with
+    SO_REUSEPORT a second ``serve`` (even with another zone) would bind silently and
+    the kernel would split clients between the two. With it, several processes
+    share the port on purpose, as CoreDNS's ``reuseport`` does.
+    """
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port))
     except OSError as exc:
         sock.close()
@@ -341,7 +350,7 @@ class DoqListener:
 
     async def start(self, address: HostPort) -> tuple[str, int]:
         """Bind and start serving; return the bound (host, port)."""
-        sock = bind_udp(address)
+        sock = bind_udp(address, reuseport=self.config.reuseport)
         loop = asyncio.get_running_loop()
         tickets = self.tickets
         transport, _ = await loop.create_datagram_endpoint(

@@ -30,6 +30,7 @@ from doqproxy.ops.observers import (
 from doqproxy.ops.systemd import Notifier
 from doqproxy.resolver import Resolver
 from doqproxy.upstream.base import Upstream
+from doqproxy.upstream.group import UpstreamGroup
 from doqproxy.upstream.pool import DoqUpstream
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,13 @@ class Operations:
         self.latency: dict[str, LatencyHistogram] = {}
         self.observations = Observations(count=settings.metrics_listen is not None)
         self.resolver: Resolver | None = None
-        self.upstream: DoqUpstream | None = None
+        self.upstream: UpstreamGroup | None = None
         self.inflight: InFlight | None = None
         self.on_reload: Callable[[], object] | None = None
         self.admission: Admission | None = None
         self.tcp_stats: TcpStats | None = None
+        self.fallbacks: Callable[[], list[Any]] = list
+        """The routes' fallback wrappers, for metrics (set by the forwarder)."""
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics_address: tuple[str, int] | None = None
@@ -95,7 +98,7 @@ class Operations:
             return resolver
         return cast(Resolver, ObservedResolver(resolver, self.observations))
 
-    def start(self, resolver: Resolver, upstream: DoqUpstream, inflight: InFlight) -> None:
+    def start(self, resolver: Resolver, upstream: UpstreamGroup, inflight: InFlight) -> None:
         """Called once the listeners are up (raises OSError if metrics cannot bind)."""
         self.resolver, self.upstream, self.inflight = resolver, upstream, inflight
         if self.settings.query_log is not None:
@@ -117,10 +120,11 @@ class Operations:
 
         sources = Sources(
             resolver=lambda: cast(Resolver, self.resolver),
-            upstream=lambda: cast(DoqUpstream, self.upstream),
+            upstream=lambda: cast(UpstreamGroup, self.upstream),
             latency=lambda: self.latency,
             observations=self.observations,
             in_flight=lambda: len(self.inflight) if self.inflight is not None else 0,
+            fallbacks=lambda: self.fallbacks(),
             admission=lambda: self.admission.stats if self.admission is not None else None,
             tcp=lambda: self.tcp_stats,
         )
@@ -150,13 +154,17 @@ class Operations:
                 )
         if self.inflight is not None:
             parts.append(f"in flight {len(self.inflight)}")
-        if upstream is not None:
-            pool = upstream.stats
-            parts.append(
-                f"upstream {upstream.name}: {len(upstream.connections)} connections, "
-                f"{pool.handshakes} handshakes ({pool.sessions_resumed} resumed, "
-                f"0-RTT {pool.early_data_accepted}/{pool.early_data_sent})"
-            )
+        for member in upstream.members if upstream is not None else ():
+            pool = member.upstream
+            text = f"upstream {member.name} {member.health.state}"
+            if isinstance(pool, DoqUpstream):
+                counts = pool.stats
+                text += (
+                    f": {len(pool.connections)} connections, "
+                    f"{counts.handshakes} handshakes ({counts.sessions_resumed} resumed, "
+                    f"0-RTT {counts.early_data_accepted}/{counts.early_data_sent})"
+                )
+            parts.append(text)
         return "; ".join(parts) or "starting"
 
     async def _heartbeat(self) -> None:

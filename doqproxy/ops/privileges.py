@@ -6,6 +6,8 @@ import grp
 import importlib
 import os
 import pwd
+import stat
+from pathlib import Path
 
 PRELOAD = ("concurrent.futures.thread", "encodings.idna", "stringprep")
 """Standard-library modules imported lazily at run time (getaddrinfo and to_thread use
@@ -17,6 +19,56 @@ class PrivilegeError(Exception):
     """Dropping privileges failed; the message says what to do."""
 
 
+def lookup_user(user: str) -> pwd.struct_passwd:
+    """The passwd entry for a user name or numeric uid (raises :class:`PrivilegeError`)."""
+    try:
+        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"--user {user}: no such user (see /etc/passwd)") from None
+
+
+def prepare_state_dir(path: Path, user: str, *, default: bool) -> str | None:
+    """Make ``path`` usable by ``user`` before root is given up, as systemd's
+    StateDirectory= does. Returns a one-line warning when that is not possible.
+
+    A missing directory is created (mode 0700) and given to the user. An existing
+    one is handed over only when it is doqproxy's own default and still root's;
+    any other directory is left as the admin made it, with a warning if the user
+    cannot write it (tickets would then never persist).
+    """
+    entry = lookup_user(user)
+    uid, gid = entry.pw_uid, entry.pw_gid
+    try:
+        try:
+            path.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            info = os.stat(path, follow_symlinks=False)
+            if default and info.st_uid == 0 and stat.S_ISDIR(info.st_mode):
+                os.chown(path, uid, gid, follow_symlinks=False)
+                os.chmod(path, 0o700)
+            elif not _writable_by(info, uid, gid):
+                return (
+                    f"state dir {path} is not writable by {user}: session tickets will not "
+                    f"persist (chown {user} {path}, or choose another --state-dir)"
+                )
+        else:
+            os.chown(path, uid, gid)
+    except OSError as exc:
+        return f"cannot prepare state dir {path} for {user}: {exc.strerror or exc}"
+    return None
+
+
+def _writable_by(info: os.stat_result, uid: int, gid: int) -> bool:
+    if not stat.S_ISDIR(info.st_mode):
+        return False
+    mode = info.st_mode
+    if info.st_uid == uid:
+        return mode & 0o300 == 0o300
+    if info.st_gid == gid:
+        return mode & 0o030 == 0o030
+    return mode & 0o003 == 0o003
+
+
 def drop_privileges(user: str) -> tuple[int, int]:
     """Switch to ``user`` (name or numeric uid) and its primary group, with no
     supplementary groups. Returns the new (uid, gid).
@@ -24,10 +76,7 @@ def drop_privileges(user: str) -> tuple[int, int]:
     Must run as root, after binding and before any thread starts (setuid only
     changes the calling thread's credentials in some libcs' view of the world).
     """
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        raise PrivilegeError(f"--user {user}: no such user (see /etc/passwd)") from None
+    entry = lookup_user(user)
     if os.geteuid() != 0:
         if os.geteuid() == entry.pw_uid:
             return entry.pw_uid, entry.pw_gid

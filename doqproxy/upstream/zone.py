@@ -36,7 +36,9 @@ import dns.rrset
 import dns.zone
 
 from doqproxy.dns import wire
+from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
+from doqproxy.upstream.base import UpstreamError
 
 MAX_CNAME_CHAIN = 8
 MAX_CACHED_ANSWERS = 10_000
@@ -146,8 +148,24 @@ class ZoneBackend:
         """Nothing to release."""
 
     def answer(self, message: bytes) -> bytes:
-        """The wire-format reply to a query, synchronously."""
-        query = dns.message.from_wire(message)
+        """The wire-format reply to a query, synchronously.
+
+        Raises :class:`UpstreamError` (SERVFAIL with an EDE, no traceback) for a
+        query dnspython cannot take and for an answer that cannot fit in one DNS
+        message (65535 octets).
+        """
+        try:
+            query = dns.message.from_wire(message)
+        except dns.exception.DNSException as exc:  # validation should have caught it
+            raise UpstreamError(f"zone cannot answer this query: {exc}", Ede.OTHER) from None
+        try:
+            return self._answer(query)
+        except dns.exception.TooBig:
+            raise UpstreamError(
+                "the zone's answer is larger than a DNS message (65535 octets)", Ede.OTHER
+            ) from None
+
+    def _answer(self, query: dns.message.Message) -> bytes:
         response = dns.message.make_response(query, our_payload=1232)
         response.flags &= ~dns.flags.RA
         qrrset = query.question[0]
