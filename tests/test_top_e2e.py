@@ -4,6 +4,7 @@ promise that the forwarder never imports ``rich``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dns.asyncquery
+import dns.exception
 import dns.message
 import dns.rcode
 import pytest
@@ -286,4 +288,25 @@ async def test_a_row_per_upstream_with_state_and_last_error(
     assert down["last_error"].startswith("connect"), down
     assert down["failures"]["connect"] >= 1
     assert live["share"] + (down["share"] or 0) == pytest.approx(1.0)
+    assert proxy.stop() == 0
+
+
+async def test_refusals_show_on_the_load_line(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    metrics = free_port()
+    proxy = start_proxy(
+        upstream.port, "--ratelimit", "1", "--metrics-listen", f"127.0.0.1:{metrics}", cache=True
+    )
+    await asyncio.to_thread(wait_for_metrics, metrics)
+    query = dns.message.make_query("a.test.", "A")
+    for _ in range(20):  # well over 1 a second from one client
+        with contextlib.suppress(dns.exception.Timeout):
+            await dns.asyncquery.udp(query, "127.0.0.1", port=proxy.port, timeout=0.2)
+    result = await top("--json", "--metrics", f"127.0.0.1:{metrics}")
+    assert result.returncode == 0, result.stderr
+    snap = json.loads(result.stdout)
+    assert snap["refused"] >= 1 and snap["refused_rate"] == 0.0
+    result = await top("--once", "--metrics", f"127.0.0.1:{metrics}")
+    assert f"; refused 0.0/s, {snap['refused']} in all" in result.stdout
     assert proxy.stop() == 0
