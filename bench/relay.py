@@ -39,9 +39,12 @@ class Upstream(asyncio.DatagramProtocol):
 
 
 class Relay(asyncio.DatagramProtocol):
-    def __init__(self, upstream: Address, delay: float) -> None:
+    def __init__(self, upstream: Address, delay: float, *, precise: bool = True) -> None:
         self.upstream = upstream
         self.delay = delay
+        self.precise = precise
+        """Spin for the last ~2 ms of each delay (exact, but it blocks the loop, so it
+        only suits a few packets at a time); otherwise trust the timer (up to ~1 ms late)."""
         self.transport: asyncio.DatagramTransport | None = None
         self.clients: dict[Address, asyncio.Future[Upstream]] = {}
         self.blackhole = False
@@ -52,6 +55,9 @@ class Relay(asyncio.DatagramProtocol):
     def later(self, send: Callable[[bytes, Address], None], data: bytes, addr: Address) -> None:
         # The event loop's timers fire up to a millisecond late (epoll's timeout is in
         # whole ms), which would add ~1 ms per round trip; wake early and sleep the rest.
+        if not self.precise:
+            asyncio.get_running_loop().call_later(self.delay, send, data, addr)
+            return
         due = time.perf_counter() + self.delay
         asyncio.get_running_loop().call_later(
             max(0.0, self.delay - EARLY), self._fire, due, send, data, addr
@@ -103,12 +109,12 @@ def parse_address(text: str) -> Address:
     return host, int(port)
 
 
-async def main_async(listen: Address, upstream: Address, delay: float) -> None:
+async def main_async(listen: Address, upstream: Address, delay: float, precise: bool) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    relay = Relay(upstream, delay)
+    relay = Relay(upstream, delay, precise=precise)
     loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(relay, "blackhole", True))
     loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(relay, "blackhole", False))
     transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=listen)
@@ -122,9 +128,14 @@ def main() -> None:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--delay-ms", type=float, default=25.0, help="delay each way")
+    parser.add_argument(
+        "--coarse", action="store_true", help="no spinning: for hundreds of packets a second"
+    )
     args = parser.parse_args()
     delay = args.delay_ms / 1000
-    asyncio.run(main_async(parse_address(args.listen), parse_address(args.upstream), delay))
+    asyncio.run(
+        main_async(parse_address(args.listen), parse_address(args.upstream), delay, not args.coarse)
+    )
 
 
 if __name__ == "__main__":

@@ -173,6 +173,26 @@ def test_side_trips_probe_the_due_and_explore_the_stale() -> None:
     assert selection.side_trips(hs, 10.0, busy=set(), chosen=[0], settings=failover) == ([1], [])
 
 
+def test_hedge_budget_allows_a_burst_then_a_share() -> None:
+    budget = selection.HedgeBudget(ratio=0.1, burst=3.0, tokens=3.0)
+    assert [budget.spend() for _ in range(4)] == [True, True, True, False]
+    for _ in range(9):
+        budget.earn()
+    assert not budget.spend()
+    budget.earn()
+    assert budget.spend() and not budget.spend()
+
+
+async def test_over_the_hedge_budget_a_query_waits_for_its_upstream() -> None:
+    late, other = Fake("quic://a:853", after(0.2)), Fake("quic://b:853", after(0.0))
+    group = group_of(late, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.01)
+    group.hedge_budget.tokens = 0.0
+    data, question = make_question()
+    assert wire.get_rcode(await group.query(data, question)) == dns.rcode.NOERROR
+    assert (late.calls, other.calls) == (1, 0)
+    assert group.members[1].stats.hedged == 0
+
+
 # --- the failure text -----------------------------------------------------------------
 
 

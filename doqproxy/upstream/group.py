@@ -121,6 +121,7 @@ class UpstreamGroup:
             if hasattr(member.upstream, "on_handshake"):
                 member.upstream.on_handshake = self._handshake_hook(member)
         self._turn = 0
+        self.hedge_budget = selection.HedgeBudget()
         self._side: dict[Member, asyncio.Task[None]] = {}
         self._saver: asyncio.Task[None] | None = None
 
@@ -209,6 +210,8 @@ class UpstreamGroup:
             parallel=settings.parallel,
         )
         self._turn += 1
+        self.hedge_budget.earn()
+        hedging = settings.hedge
         order = [members[i] for i in plan.order]
         running: dict[asyncio.Task[bytes], _Attempt] = {}
         errors: dict[Member, str] = {}
@@ -247,7 +250,7 @@ class UpstreamGroup:
                     launch(hedge=False)  # the last one failed: the next one at once
                     continue
                 wake = deadline
-                if can_launch and last is not None:
+                if can_launch and hedging and last is not None:
                     hedge = selection.hedge_delay(last.member.health, settings)
                     wake = min(wake, last.started + hedge)
                 done, _ = await asyncio.wait(
@@ -258,7 +261,10 @@ class UpstreamGroup:
                 if not done:
                     if self.clock() >= deadline:
                         break
-                    launch(hedge=True)
+                    if self.hedge_budget.spend():
+                        launch(hedge=True)
+                    else:
+                        hedging = False  # over budget: this query waits, or fails over
                     continue
                 for task in done:
                     attempt = running.pop(task)

@@ -93,6 +93,32 @@ def hedge_delay(health: Health, settings: SelectionSettings) -> float:
     return min(settings.hedge_max, max(settings.hedge_min, settings.hedge_factor * health.srtt))
 
 
+@dataclass(slots=True)
+class HedgeBudget:
+    """Caps hedges at ``ratio`` of all queries, plus a burst of ``burst``.
+
+    When every answer is late because the machine or the network is overloaded,
+    hedging each query would double the load and make things worse; the burst
+    still covers an upstream that stalls all at once (every query in flight to
+    it needs a hedge) until its SRTT has moved traffic away.
+    """
+
+    ratio: float = 0.1
+    burst: float = 100.0
+    tokens: float = 100.0
+
+    def earn(self) -> None:
+        """One query: a little more room for hedges."""
+        self.tokens = min(self.burst, self.tokens + self.ratio)
+
+    def spend(self) -> bool:
+        """Whether a hedge may go out now (and take its share)."""
+        if self.tokens < 1.0 - 1e-9:  # ten tenths may add up to 0.999…
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 def side_trips(
     healths: Sequence[Health],
     now: float,
