@@ -366,8 +366,9 @@ class Bench:
                 extra=("--upstream-strategy", "fastest"),
             )  # fmt: skip
             names = [f"{n}." for n in peers.hit_names(plan.hit_names)]
-            progress("failover: 2 s of warm-up at 200 q/s (the strategy learns the RTTs)")
-            asyncio.run(failover.paced(port, names, 200, 2.0, [], linger=1.0))
+            warm = 1.0 if plan.quick else 2.0
+            progress(f"failover: {warm:g} s of warm-up at 200 q/s (the strategy learns the RTTs)")
+            asyncio.run(failover.paced(port, names, 200, warm, [], linger=1.0))
             seconds, qps = plan.failover_seconds, plan.failover_qps
             blackhole_at, restore_at = seconds / 3, 2 * seconds / 3
             fastest = relays[0].pid
@@ -382,6 +383,7 @@ class Bench:
                         (blackhole_at, lambda: os.kill(fastest, signal.SIGUSR1)),
                         (restore_at, lambda: os.kill(fastest, signal.SIGUSR2)),
                     ],
+                    linger=2.0 if plan.quick else 5.0,
                 )
             )  # fmt: skip
             hedge_min_ms = 50.0
