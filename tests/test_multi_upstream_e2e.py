@@ -220,8 +220,9 @@ async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
     await run(proxy, "up", 5)
     before = await scrape(metrics_port)
     fast = (("upstream", rig.paths[0].url),)
-    assert before[("doqproxy_upstream_answers_total", fast)] >= 5
-    assert before[("doqproxy_upstream_queries_sent_total", fast)] >= 6
+    answers = before[("doqproxy_upstream_answers_total", fast)]
+    assert answers >= 3  # the others are tried once each while unmeasured
+    assert before[("doqproxy_upstream_queries_sent_total", fast)] >= answers
     assert before[("doqproxy_upstream_state", (("state", "up"), *fast))] == 1
     assert before[("doqproxy_upstream_state", (("state", "backoff"), *fast))] == 0
     assert 0 < before[("doqproxy_upstream_srtt_seconds", fast)] < 1
@@ -235,7 +236,7 @@ async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
     assert elapsed < 2 + 1.0
     (ede,) = [o for o in reply.options if o.otype == dns.edns.EDE]
     ede = cast(dns.edns.EDEOption, ede)
-    assert ede.code == 22
+    assert ede.code == 22, (ede.text, proxy.stderr()[-3000:])
     text = ede.text or ""
     for path in rig.paths:
         assert f"127.0.0.1:{path.port}" in text, text

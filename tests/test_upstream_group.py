@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -327,7 +328,11 @@ def never() -> Behaviour:
 
 
 def group_of(
-    *fakes: Fake, srtts: tuple[float | None, ...] = (), timeout: float = 5.0, **settings: object
+    *fakes: Fake,
+    srtts: tuple[float | None, ...] = (),
+    timeout: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+    **settings: object,
 ) -> UpstreamGroup:
     members = []
     for index, fake in enumerate(fakes):
@@ -335,7 +340,12 @@ def group_of(
         health.srtt = srtts[index] if index < len(srtts) else None
         health.last_sample = 1e18  # measured "just now": no exploration unless a test wants it
         members.append(Member(fake.name, fake, health))
-    return UpstreamGroup(members, SelectionSettings(**settings), timeout=timeout)  # type: ignore[arg-type]
+    return UpstreamGroup(
+        members,
+        SelectionSettings(**settings),  # type: ignore[arg-type]
+        timeout=timeout,
+        clock=clock,
+    )
 
 
 async def test_fastest_asks_only_the_fastest_and_learns() -> None:
@@ -401,6 +411,20 @@ async def test_all_failed_is_ede_22_naming_each() -> None:
     assert "three.example timeout" in text
     assert len(text) + len(group.name) + 2 <= 200
     assert fakes[2].cancelled == 1
+
+
+async def test_a_timer_firing_early_at_the_deadline_is_no_crash() -> None:
+    """The loop's timer may fire a hair before our clock reaches the deadline; with every
+    upstream already asked, that once launched past the end of the list (IndexError)."""
+    fakes = [Fake("quic://a:853", never()), Fake("quic://b:853", never())]
+    group = group_of(
+        *fakes, timeout=0.4, clock=lambda: time.monotonic() - 0.002, hedge_min=0.01, hedge_max=0.01
+    )
+    data, question = make_question()
+    with pytest.raises(UpstreamError) as caught:
+        await group.query(data, question)
+    assert caught.value.ede is Ede.NO_REACHABLE_AUTHORITY
+    assert "a timeout" in str(caught.value) and "b timeout" in str(caught.value)
 
 
 async def test_servfail_asks_one_other_upstream() -> None:

@@ -261,6 +261,8 @@ class UpstreamGroup:
                 if not done:
                     if self.clock() >= deadline:
                         break
+                    if wake >= deadline:
+                        continue  # the timer fired a hair early: wait out the rest
                     if self.hedge_budget.spend():
                         launch(hedge=True)
                     else:
