@@ -119,11 +119,12 @@ def healths(*srtts: float | None) -> list[Health]:
     return out
 
 
-def test_fastest_orders_by_srtt_unmeasured_first_down_last() -> None:
-    hs = healths(0.060, 0.005, None, 0.020, 0.001)
+def test_fastest_orders_by_srtt_unmeasured_after_down_last() -> None:
+    hs = healths(0.060, 0.005, None, 0.020, 0.001, None)
     hs[4].failed(Reason.TIMEOUT, "x", now=0.0)
     plan = selection.plan(Strategy.FASTEST, hs, now=0.0)
-    assert plan.order == (2, 1, 3, 0, 4) and plan.initial == 1
+    assert plan.order == (1, 3, 0, 2, 5, 4) and plan.initial == 1
+    assert selection.plan(Strategy.FASTEST, healths(None, None), now=0.0).order == (0, 1)
 
 
 def test_failover_keeps_the_order_given_and_skips_the_down() -> None:

@@ -70,8 +70,9 @@ def plan(
         key=lambda i: (healths[i].retry_at, i),
     )
     if strategy is Strategy.FASTEST or strategy is Strategy.PARALLEL:
-        # Never measured: try it first once, the side trips measure it soon anyway.
-        up.sort(key=lambda i: (healths[i].srtt if healths[i].srtt is not None else -1.0, i))
+        # Never measured: after the measured ones (in the order given); a side trip
+        # measures it without a client waiting on an upstream that may be slow or dead.
+        up.sort(key=lambda i: (healths[i].srtt is None, healths[i].srtt or 0.0, i))
     elif strategy is Strategy.ROUND_ROBIN and up:
         shift = turn % len(up)
         up = up[shift:] + up[:shift]
