@@ -137,6 +137,13 @@ class UpstreamGroup:
         names every upstream instead of ending in the resolver's plain timeout."""
         return max(0.05, self.timeout - min(0.25, self.timeout / 10))
 
+    @property
+    def side_trip_limit(self) -> float:
+        """How long a probe or an exploration may take before it counts as a timeout:
+        an upstream that slow would not be chosen anyway, and a short limit lets a
+        dead one reach backoff (and a recovered one come back) in a few seconds."""
+        return min(self.budget, max(1.0, 2 * self.settings.hedge_max))
+
     # --- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
@@ -374,11 +381,12 @@ class UpstreamGroup:
         assert member.call is not None
         member.stats.queries_sent += 1
         started = self.clock()
+        limit = self.side_trip_limit
         try:
-            async with asyncio.timeout(self.budget):
+            async with asyncio.timeout(limit):
                 answer = await member.call.query(message, question)
         except TimeoutError:
-            text = f"no answer within {self.budget:.1f}s"
+            text = f"no answer within {limit:.1f}s"
             member.health.failed(Reason.TIMEOUT, text, self.clock())
         except UpstreamError as exc:
             member.health.failed(classify(str(exc), exc.ede), str(exc), self.clock())
