@@ -8,6 +8,7 @@ Special names change its behaviour:
 - ``slow.test.``: the answer is delayed by ``slow_delay`` seconds.
 - ``split.test.``: the answer is written in 40-octet pieces, one packet each.
 - ``big.test.`` TXT: a 16 KB answer; ``mid.test.`` TXT: about 800 octets.
+- ``badid.test.``: the answer carries Message ID 0x1234 (RFC 9250 forbids it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ZONE: dict[tuple[str, str], list[str]] = {
     ("mid.test.", "TXT"): [f'"{i:03d}{"m" * 247}"' for i in range(3)],
     ("big.test.", "TXT"): [f'"{i:03d}{"b" * 247}"' for i in range(64)],
     ("slow.test.", "A"): ["192.0.2.9"],
+    ("badid.test.", "A"): ["192.0.2.66"],
 }
 for _i in range(64):
     ZONE[(f"n{_i}.test.", "A")] = [f"192.0.2.{_i + 10}"]
@@ -131,7 +133,10 @@ class _DoqServerProtocol(QuicConnectionProtocol):
                 and quic._streams[stream_id].sender._reset_error_code is not None
             ):
                 return  # the client cancelled (STOP_SENDING reset our side)
-        response = answer(query).to_wire(max_size=65535)
+        reply = answer(query)
+        if name == "badid.test.":
+            reply.id = 0x1234
+        response = reply.to_wire(max_size=65535)
         framed = struct.pack("!H", len(response)) + response
         if name == "split.test.":
             for offset in range(0, len(framed), 40):
