@@ -446,8 +446,14 @@ async def test_refused_twice_is_passed_on_after_one_retry() -> None:
     fakes = [Fake(f"quic://{n}:853", after(0.0, dns.rcode.REFUSED)) for n in "abc"]
     group = group_of(*fakes, srtts=(0.001, 0.002, 0.003))
     data, question = make_question()
-    assert wire.get_rcode(await group.query(data, question)) == dns.rcode.REFUSED
+    slot: list[str] = []
+    token = answered_by.set(slot)
+    try:
+        assert wire.get_rcode(await group.query(data, question)) == dns.rcode.REFUSED
+    finally:
+        answered_by.reset(token)
     assert [f.calls for f in fakes] == [1, 1, 0]
+    assert slot == ["quic://b:853"]  # the query log names whose answer it was
 
 
 async def test_parallel_races_two_and_cancels_the_loser() -> None:

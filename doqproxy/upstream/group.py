@@ -223,6 +223,7 @@ class UpstreamGroup:
         running: dict[asyncio.Task[bytes], _Attempt] = {}
         errors: dict[Member, str] = {}
         fallback: bytes | None = None
+        fallback_from: Member | None = None
         second_chance = True
         position = 0
         last: _Attempt | None = None
@@ -251,7 +252,7 @@ class UpstreamGroup:
                             second_chance = False
                             launch(hedge=False)
                             continue
-                        return fallback
+                        break
                     if not can_launch:
                         break
                     launch(hedge=False)  # the last one failed: the next one at once
@@ -283,14 +284,15 @@ class UpstreamGroup:
                     if attempt.member in errors:  # SERVFAIL or REFUSED: ask one other
                         if fallback is None and running:
                             second_chance = False  # one still running is the other
-                        fallback = answer
+                        fallback, fallback_from = answer, attempt.member
                         continue
                     attempt.member.stats.races_won += position > 1
                     self._cancel_losers(running)
                     running.clear()
                     _tell_caller(attempt.member)
                     return answer
-            if fallback is not None:
+            if fallback is not None and fallback_from is not None:
+                _tell_caller(fallback_from)
                 return fallback
             now = self.clock()
             for attempt in running.values():
@@ -308,6 +310,9 @@ class UpstreamGroup:
         recording why it failed."""
         member = attempt.member
         now = self.clock()
+        if task.cancelled():  # closed under us (a reload retired it): no verdict on health
+            errors[member] = "cancelled"
+            return None
         exc = task.exception()
         if exc is None:
             answer = task.result()
