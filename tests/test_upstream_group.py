@@ -164,13 +164,20 @@ def test_side_trips_probe_the_due_and_explore_the_stale() -> None:
     hs = healths(0.01, 0.02, 0.03, 0.04)
     for h in hs:
         h.last_sample = 9.5
+        h.unmeasured = 100
     hs[1].failed(Reason.TIMEOUT, "x", now=0.0)  # due at 1.0
     hs[2].last_sample = 0.0  # stale
+    hs[3].unmeasured = 49  # stale too, but too few queries went elsewhere meanwhile
+    hs[3].last_sample = 0.0
     settings = SelectionSettings()
     probes, explore = selection.side_trips(hs, 10.0, busy=set(), chosen=[0], settings=settings)
     assert (probes, explore) == ([1], [2])
     probes, explore = selection.side_trips(hs, 10.0, busy={2}, chosen=[0], settings=settings)
     assert (probes, explore) == ([1], [])
+    hs[0].srtt = None  # never measured: explored at once
+    hs[0].last_sample = 9.9
+    assert selection.side_trips(hs, 10.0, busy=set(), chosen=[2], settings=settings)[1] == [0]
+    hs[0].srtt = 0.01
     failover = SelectionSettings(strategy=Strategy.FAILOVER)
     assert selection.side_trips(hs, 10.0, busy=set(), chosen=[0], settings=failover) == ([1], [])
 
@@ -411,7 +418,7 @@ async def test_all_failed_is_ede_22_naming_each() -> None:
     assert "one.example connect" in text and "two.example:8853 tls" in text
     assert "three.example timeout" in text
     assert len(text) + len(group.name) + 2 <= 200
-    assert fakes[2].cancelled == 1
+    assert fakes[2].cancelled >= 1
 
 
 async def test_a_timer_firing_early_at_the_deadline_is_no_crash() -> None:

@@ -218,6 +218,8 @@ class UpstreamGroup:
         )
         self._turn += 1
         self.hedge_budget.earn()
+        for member in members:
+            member.health.unmeasured += 1
         hedging = settings.hedge
         order = [members[i] for i in plan.order]
         running: dict[asyncio.Task[bytes], _Attempt] = {}
