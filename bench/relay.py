@@ -3,6 +3,9 @@
 ``python -m bench.relay --listen 127.0.0.1:P --upstream 127.0.0.1:Q --delay-ms 25``
 prints ``ready PORT`` once it listens. Each client address gets its own upstream
 socket, so a QUIC connection keeps its 4-tuple as the server sees it.
+
+Setting :attr:`Relay.blackhole` (SIGUSR1 for the command; SIGUSR2 clears it)
+drops every datagram both ways, like a server that went silent.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class Upstream(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.relay.later(self.relay.to_client, data, self.client)
+        if not self.relay.blackhole:
+            self.relay.later(self.relay.to_client, data, self.client)
 
 
 class Relay(asyncio.DatagramProtocol):
@@ -40,6 +44,7 @@ class Relay(asyncio.DatagramProtocol):
         self.delay = delay
         self.transport: asyncio.DatagramTransport | None = None
         self.clients: dict[Address, asyncio.Future[Upstream]] = {}
+        self.blackhole = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -68,6 +73,8 @@ class Relay(asyncio.DatagramProtocol):
             self.transport.sendto(data, addr)
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        if self.blackhole:
+            return
         future = self.clients.get(addr)
         if future is None:
             future = asyncio.ensure_future(self._open(addr))
@@ -101,9 +108,10 @@ async def main_async(listen: Address, upstream: Address, delay: float) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: Relay(upstream, delay), local_addr=listen
-    )
+    relay = Relay(upstream, delay)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(relay, "blackhole", True))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(relay, "blackhole", False))
+    transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=listen)
     print("ready", transport.get_extra_info("sockname")[1], flush=True)
     await stop.wait()
     transport.close()

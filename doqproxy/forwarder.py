@@ -7,7 +7,9 @@ import dataclasses
 import gc
 import logging
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
 
 from doqproxy.cache.policy import make_cache
 from doqproxy.frontend.inflight import InFlight
@@ -25,7 +27,11 @@ from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.bootstrap import Bootstrap
 from doqproxy.upstream.doq_connection import client_configuration, warm_up
+from doqproxy.upstream.group import Member, UpstreamGroup
+from doqproxy.upstream.health import Health
+from doqproxy.upstream.health_file import HealthFile
 from doqproxy.upstream.pool import DoqUpstream
+from doqproxy.upstream.spec import UpstreamSpec
 from doqproxy.upstream.tickets import TicketFile
 
 log = logging.getLogger(__name__)
@@ -54,24 +60,92 @@ def bind_all(settings: ForwardSettings) -> list[tuple[socket.socket, socket.sock
     return bound
 
 
-def make_upstream(settings: ForwardSettings) -> DoqUpstream:
-    url = settings.upstream
-    server_name = settings.tls_server_name or url.host
-    configuration = client_configuration(server_name, ca_file=settings.tls_ca_file)
-    pool = dataclasses.replace(settings.pool, handshake_timeout=settings.timeout)
-    if not settings.padding:
-        pool = dataclasses.replace(pool, pad_block=None)
-    routing = settings.routing
-    bootstrap = Bootstrap(routing.bootstrap, pinned=dict(routing.addresses))
-    return DoqUpstream(
-        url,
-        configuration,
-        pool,
-        tickets=TicketFile(settings.state_dir),
-        resolve=bootstrap.resolve,
-        forget=bootstrap.failed,
-        pins=routing.pins_for(server_name) or routing.pins_for(url.host),
-    )
+class UpstreamBuilder:
+    """Builds the upstream group from the settings, at start and on every reload.
+
+    It owns what all members share and what outlives a reload: one ticket file
+    (each DoQ member keeps its own entries in it) and the health file.
+    """
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.tickets = TicketFile(state_dir)
+        self.health_file = HealthFile(state_dir)
+        self._bootstrap: tuple[tuple[object, ...], Bootstrap] | None = None
+
+    def bootstrap(self, settings: ForwardSettings) -> Bootstrap:
+        """The name lookups (``--bootstrap``, pinned addresses) shared by the members."""
+        routing = settings.routing
+        key = (routing.bootstrap, routing.addresses)
+        if self._bootstrap is None or self._bootstrap[0] != key:
+            self._bootstrap = (key, Bootstrap(routing.bootstrap, pinned=dict(routing.addresses)))
+        return self._bootstrap[1]
+
+    def member_key(self, spec: UpstreamSpec, settings: ForwardSettings) -> Hashable:
+        """Everything a member is built from: equal keys mean the member can be kept."""
+        routing = settings.routing
+        name = spec.tls_server_name or settings.tls_server_name or spec.url.host
+        return (
+            str(spec.url),
+            spec.tls_server_name or settings.tls_server_name,
+            spec.tls_ca_file or settings.tls_ca_file,
+            settings.padding,
+            settings.pool,
+            routing.bootstrap,
+            routing.addresses_for(spec.url.host),
+            routing.pins_for(name) or routing.pins_for(spec.url.host),
+        )
+
+    def member(self, spec: UpstreamSpec, settings: ForwardSettings) -> Upstream:
+        """One upstream from its spec (raises OSError/ValueError for bad TLS files)."""
+        url = spec.url
+        server_name = spec.tls_server_name or settings.tls_server_name or url.host
+        ca_file = spec.tls_ca_file or settings.tls_ca_file
+        configuration = client_configuration(server_name, ca_file=ca_file)
+        pool = dataclasses.replace(settings.pool, handshake_timeout=settings.timeout)
+        if not settings.padding:
+            pool = dataclasses.replace(pool, pad_block=None)
+        routing = settings.routing
+        bootstrap = self.bootstrap(settings)
+        return DoqUpstream(
+            url,
+            configuration,
+            pool,
+            tickets=self.tickets,
+            resolve=bootstrap.resolve,
+            forget=bootstrap.failed,
+            pins=routing.pins_for(server_name) or routing.pins_for(url.host),
+        )
+
+    def group(
+        self,
+        settings: ForwardSettings,
+        previous: UpstreamGroup | None = None,
+        wrap: Callable[[Upstream], Upstream] | None = None,
+    ) -> UpstreamGroup:
+        """The group for ``settings``; members of ``previous`` whose key did not change
+        are carried over as they are (pool, connections, health and counters)."""
+        kept = {m.key: m for m in previous.members} if previous is not None else {}
+        members = []
+        now = time.monotonic()
+        for spec in settings.upstreams:
+            key = self.member_key(spec, settings)
+            member = kept.get(key)
+            if member is None:
+                member = Member(key, self.member(spec, settings), Health())
+                self.health_file.restore(member.name, member.health, now)
+            members.append(member)
+        return UpstreamGroup(
+            members,
+            settings.selection,
+            timeout=settings.timeout,
+            health_file=self.health_file,
+            wrap=wrap,
+        )
+
+
+def make_upstream(settings: ForwardSettings) -> UpstreamGroup:
+    """The upstream group for ``settings`` (a fresh builder: tests and tools)."""
+    return UpstreamBuilder(settings.state_dir).group(settings)
 
 
 # --- routes, locally served names and fallback (issue 11 part B) --------------------
@@ -82,8 +156,10 @@ class Routes:
     sets the locally served zones, and on reload drops the cache entries of names
     whose route changed and closes the upstreams no route uses any more."""
 
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, tickets: TicketFile) -> None:
         self.resolver = resolver
+        self.tickets = tickets
+        """The ticket file the default upstreams write: route upstreams share it."""
         self.builder: RouteBuilder | None = None
         self.specs: dict[str, str] = {}
         self.fallbacks: list[object] = []
@@ -98,8 +174,7 @@ class Routes:
         builder = RouteBuilder(
             settings.routing, ca_file=settings.tls_ca_file, pool=pool, timeout=settings.timeout
         )
-        if isinstance(default, DoqUpstream):
-            builder.tickets = default.tickets  # one ticket file, one writer
+        builder.tickets = self.tickets  # one ticket file, one writer
         old = self.builder
         if old is not None and _reusable(old) == _reusable(builder):
             builder.made = dict(old.made)
@@ -161,8 +236,12 @@ async def serve(
     loop = asyncio.get_running_loop()
     stop = process.stop_event()
     ops = Operations(settings.ops)
-    upstream = make_upstream(settings)
-    warm_up(upstream.configuration)
+    builder = UpstreamBuilder(settings.state_dir)
+    upstream = builder.group(settings, wrap=ops.wrap_upstream)
+    for member in upstream.members:
+        if isinstance(member.upstream, DoqUpstream):
+            warm_up(member.upstream.configuration)
+            break
     upstream.start()
     resolver = Resolver(
         upstream,
@@ -170,8 +249,10 @@ async def serve(
         cache=make_cache(settings.cache, max_udp=settings.max_udp_size),
         max_udp=settings.max_udp_size,
     )
-    routes = Routes(resolver)
-    resolver.upstream = ops.wrap_upstream(routes.apply(settings, upstream))
+    routes = Routes(resolver, builder.tickets)
+    # The group's members are timed one by one (ops.wrap_upstream), so the routed
+    # upstream is not wrapped again.
+    resolver.upstream = routes.apply(settings, upstream)
     ops.fallbacks = lambda: routes.fallbacks
     front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()
@@ -191,11 +272,18 @@ async def serve(
     log.info(
         "listening on %s, forwarding to %s",
         ", ".join(_sockname(s) for s in (*udp_socks, *tcp_socks)),
-        upstream.name,
+        ", ".join(m.name for m in upstream.members),
     )
     reloader = None
     if reload is not None:
-        reloader = Reloader(settings, reload, make_upstream, ops, resolver, route=routes.apply)
+        reloader = Reloader(
+            settings,
+            reload,
+            lambda new, old: builder.group(new, old, wrap=ops.wrap_upstream),
+            ops,
+            resolver,
+            route=routes.apply,
+        )
         ops.on_reload = reloader
     # Everything allocated so far lives as long as the process: keep it out of the
     # collector's way, so that full collections stay short (tail latency).
@@ -230,6 +318,7 @@ async def serve(
     await routes.aclose()
     for task in list(_closing):
         task.cancel()
+    builder.tickets.save()
     return status
 
 

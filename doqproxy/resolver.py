@@ -39,6 +39,8 @@ class ResolverStats:
     """Answered from a locally served zone (never sent upstream)."""
     upstream_errors: int = 0
     rcodes: dict[int, int] = field(default_factory=dict)
+    servfails: dict[int | None, int] = field(default_factory=dict)
+    """SERVFAILs by the EDE INFO-CODE doqproxy attached; ``None``: the upstream's own."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -194,6 +196,8 @@ class Resolver:
         )
         rcode = wire.get_rcode(reply)
         self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
+        if rcode == wire.RCODE_SERVFAIL:
+            self.stats.servfails[None] = self.stats.servfails.get(None, 0) + 1
         return reply
 
     def _refresh(self, data: bytes, question: Question) -> asyncio.Task[None]:
@@ -227,6 +231,7 @@ class Resolver:
     def _failure(self, question: Question, reason: str, ede: Ede) -> bytes:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
+        self.stats.servfails[ede] = self.stats.servfails.get(ede, 0) + 1
         log.warning("SERVFAIL for %s: %s", wire.name_text(question.qname), reason)
         return wire.error_reply(
             question, wire.RCODE_SERVFAIL, payload=self.max_udp, ede=(ede, reason[:200])

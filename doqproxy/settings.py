@@ -11,16 +11,19 @@ from pathlib import Path
 
 from doqproxy.cache.policy import CacheSettings
 from doqproxy.frontend.tcp import TcpLimits
-from doqproxy.net.addresses import HostPort, UpstreamUrl
+from doqproxy.net.addresses import HostPort
 from doqproxy.ops.control import OpsSettings
 from doqproxy.routing.routes import RoutingSettings
 from doqproxy.upstream.pool import PoolSettings
+from doqproxy.upstream.selection import SelectionSettings
+from doqproxy.upstream.spec import UpstreamSpec
 
 
 @dataclass(slots=True, frozen=True)
 class ForwardSettings:
     listen: tuple[HostPort, ...]
-    upstream: UpstreamUrl
+    upstreams: tuple[UpstreamSpec, ...]
+    """In the order given (``failover`` follows it); never empty, no duplicates."""
     tls_ca_file: str | None = None
     tls_server_name: str | None = None
     timeout: float = 5.0
@@ -33,5 +36,7 @@ class ForwardSettings:
     """Where session tickets persist; ``None`` keeps them in memory only."""
     ops: OpsSettings = field(default_factory=OpsSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
+    """How queries are spread over the upstreams (strategy, hedging)."""
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     """Routes, local zones, bootstrap, pinned addresses and SPKI pins, fallback."""

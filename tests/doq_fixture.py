@@ -8,6 +8,7 @@ Special names change its behaviour:
 - ``slow.test.``: the answer is delayed by ``slow_delay`` seconds.
 - ``split.test.``: the answer is written in 40-octet pieces, one packet each.
 - ``big.test.`` TXT: a 16 KB answer; ``mid.test.`` TXT: about 800 octets.
+- ``badid.test.``: the answer carries Message ID 0x1234 (RFC 9250 forbids it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ZONE: dict[tuple[str, str], list[str]] = {
     ("mid.test.", "TXT"): [f'"{i:03d}{"m" * 247}"' for i in range(3)],
     ("big.test.", "TXT"): [f'"{i:03d}{"b" * 247}"' for i in range(64)],
     ("slow.test.", "A"): ["192.0.2.9"],
+    ("badid.test.", "A"): ["192.0.2.66"],
 }
 for _i in range(64):
     ZONE[(f"n{_i}.test.", "A")] = [f"192.0.2.{_i + 10}"]
@@ -60,6 +62,10 @@ class UpstreamState:
     early_accepted: int = 0
     close_codes: list[int] = field(default_factory=list)
     slow_delay: float = 3.0
+    answer_delay: float = 0.0
+    """Seconds every answer waits (a slow server, not a slow link)."""
+    cancelled: list[tuple[str, int]] = field(default_factory=list)
+    """("reset" or "stop", code) for each RESET_STREAM / STOP_SENDING received."""
 
 
 def answer(query: dns.message.Message) -> dns.message.Message:
@@ -95,6 +101,10 @@ class _DoqServerProtocol(QuicConnectionProtocol):
             self.state.early_accepted += bool(event.early_data_accepted)
         elif isinstance(event, events.ConnectionTerminated):
             self.state.close_codes.append(event.error_code)
+        elif isinstance(event, events.StreamReset):
+            self.state.cancelled.append(("reset", event.error_code))
+        elif isinstance(event, events.StopSendingReceived):
+            self.state.cancelled.append(("stop", event.error_code))
         elif isinstance(event, events.StreamDataReceived):
             data = self._buffers.get(event.stream_id, b"") + event.data
             self._buffers[event.stream_id] = data
@@ -116,7 +126,17 @@ class _DoqServerProtocol(QuicConnectionProtocol):
             return
         if name == "slow.test.":
             await asyncio.sleep(self.state.slow_delay)
-        response = answer(query).to_wire(max_size=65535)
+        if self.state.answer_delay:
+            await asyncio.sleep(self.state.answer_delay)
+            if (
+                stream_id in quic._streams
+                and quic._streams[stream_id].sender._reset_error_code is not None
+            ):
+                return  # the client cancelled (STOP_SENDING reset our side)
+        reply = answer(query)
+        if name == "badid.test.":
+            reply.id = 0x1234
+        response = reply.to_wire(max_size=65535)
         framed = struct.pack("!H", len(response)) + response
         if name == "split.test.":
             for offset in range(0, len(framed), 40):

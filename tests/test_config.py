@@ -71,9 +71,10 @@ tls-server-name = "{SERVER_NAME}"
     )
     settings, _ = parse(forward, ["--config", path])
     assert [str(a) for a in settings.listen] == ["127.0.0.1:5300", "[::1]:5300"]
-    assert str(settings.upstream) == "quic://192.0.2.1:8853"
-    assert settings.tls_ca_file == certs.ca_file
-    assert settings.tls_server_name == SERVER_NAME
+    (spec,) = settings.upstreams
+    assert str(spec.url) == "quic://192.0.2.1:8853"
+    assert spec.tls_ca_file == certs.ca_file
+    assert spec.tls_server_name == SERVER_NAME
     assert settings.padding is False
     assert settings.timeout == 5.0  # the built-in default
 
@@ -82,7 +83,7 @@ def test_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOQPROXY_UPSTREAM", "quic://192.0.2.7")
     monkeypatch.setenv("DOQPROXY_LISTEN", "127.0.0.1:5301 127.0.0.1:5302")
     settings, _ = parse(forward, ["--config", "/dev/null"])
-    assert str(settings.upstream) == "quic://192.0.2.7:853"
+    assert [str(spec) for spec in settings.upstreams] == ["quic://192.0.2.7:853"]
     assert [a.port for a in settings.listen] == [5301, 5302]
 
 
@@ -95,8 +96,8 @@ def test_env_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
         ('upstream = "quic://h"\ntimeout = 0.01\n', "timeout = 0.01: 0.01 is not in the range"),
         ("listen = [53]\n", "listen must be a list of strings"),
         ("upstream = [\n", "not valid TOML"),
-        ('[[upstream]]\nurl = "quic://a"\n[[upstream]]\nurl = "quic://b"\n', "2 [[upstream]]"),
-        ('[[upstream]]\nhost = "a"\n', "unknown key 'host' in [[upstream]]"),
+        ('[[upstream]]\nhost = "a"\n', "[[upstream]] number 1: unknown key 'host'"),
+        ('[[upstream]]\nurl = "quic://a"\n[[upstream]]\n', "number 2: needs url ="),
     ],
 )
 def test_file_errors_name_file_and_key(tmp_path: Path, text: str, message: str) -> None:
@@ -146,7 +147,7 @@ def test_check_config_prints_effective_values(
     result = CliRunner().invoke(main, ["check-config", "--config", path])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert 'upstream = "quic://192.0.2.1"  # config file' in lines
+    assert 'upstream = ["quic://192.0.2.1"]  # config file' in lines
     assert "timeout = 3.0  # config file" in lines
     assert "tcp-max-connections = 9  # DOQPROXY_TCP_MAX_CONNECTIONS" in lines
     assert 'listen = ["127.0.0.53:53"]  # default' in lines
@@ -162,7 +163,7 @@ def test_example_file_documents_every_key(certs: Certs, tmp_path: Path) -> None:
     for key in file_params(forward):
         assert f"{key} =" in text, f"{key} is not documented in {example.name}"
     settings, _ = parse(forward, ["--config", str(example), "--tls-ca-file", certs.ca_file])
-    assert settings.upstream.scheme == "quic"
+    assert all(spec.url.scheme == "quic" for spec in settings.upstreams)
 
 
 async def _ask(port: int, name: str) -> str:

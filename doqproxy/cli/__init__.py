@@ -15,6 +15,7 @@ _COMMANDS = {
     "serve": ("serve", "serve"),
     "query": ("query", "query"),
     "check-config": ("check_config", "check_config"),
+    "top": ("top", "top"),
 }
 
 

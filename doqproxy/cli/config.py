@@ -25,16 +25,13 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from doqproxy.upstream.spec import table_to_text
+
 DEFAULT_PATH = "/etc/doqproxy/doqproxy.toml"
 ENV_PREFIX = "DOQPROXY"
 _ARGV = "doqproxy.argv"
 _PATH = "doqproxy.config_path"
 _SINK = "doqproxy.settings_sink"
-_TABLE_KEYS = {
-    "url": "upstream",
-    "tls-ca-file": "tls_ca_file",
-    "tls-server-name": "tls_server_name",
-}
 
 
 class ConfigError(click.ClickException):
@@ -94,6 +91,8 @@ def read_file(path: str, command: click.Command, ctx: click.Context) -> dict[str
         if param is None:
             raise ConfigError(f"{path}: unknown key {key!r}{_suggest(key, params)}")
         types, wanted = _expected(param)
+        if param.multiple and isinstance(value, str):
+            value = [value]  # one upstream = "..." is a list of one
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ConfigError(
                 f"{path}: {key} must be {wanted}, not a {_toml_type(value)} ({value!r})"
@@ -108,29 +107,23 @@ def read_file(path: str, command: click.Command, ctx: click.Context) -> dict[str
 
 
 def _flatten_upstream(path: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """``[[upstream]]`` tables become the flat keys (``url`` is ``upstream``)."""
+    """``[[upstream]]`` tables become entries of the ``upstream`` list, each
+    ``url?key=value...`` (see :mod:`doqproxy.upstream.spec`)."""
     tables = raw.get("upstream")
-    if not isinstance(tables, list):
+    if not isinstance(tables, list) or not any(isinstance(t, dict) for t in tables):
         return raw
-    if len(tables) != 1:
-        raise ConfigError(
-            f"{path}: {len(tables)} [[upstream]] tables, but forward uses exactly one upstream "
-            "for now; keep one"
-        )
-    table = dict(tables[0])
     flat = {k: v for k, v in raw.items() if k != "upstream"}
-    _per_host_keys(path, table, flat)
-    for key, value in table.items():
-        if key not in _TABLE_KEYS:
-            known = ", ".join(sorted(_TABLE_KEYS))
-            raise ConfigError(f"{path}: unknown key {key!r} in [[upstream]] (known: {known})")
-        flat_key = _TABLE_KEYS[key].replace("_", "-")
-        if flat_key in flat:
-            raise ConfigError(f"{path}: {flat_key} is set both at the top and in [[upstream]]")
-        flat[flat_key] = value
-    if "upstream" not in flat:
-        raise ConfigError(f'{path}: [[upstream]] needs url = "quic://HOST[:PORT]"')
-    return flat
+    texts = []
+    for number, table in enumerate(tables, 1):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: upstream mixes [[upstream]] tables and strings")
+        table = dict(table)
+        _per_host_keys(path, table, flat)
+        try:
+            texts.append(table_to_text(table))
+        except ValueError as exc:
+            raise ConfigError(f"{path}: [[upstream]] number {number}: {exc}") from None
+    return {**flat, "upstream": texts}
 
 
 def _per_host_keys(path: str, table: dict[str, Any], flat: dict[str, Any]) -> None:

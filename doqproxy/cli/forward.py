@@ -19,6 +19,7 @@ from doqproxy.cli.route_options import (
     upstream_names,
     with_stamp_addresses,
 )
+from doqproxy.cli.upstream_options import upstream_options, upstream_settings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import AddressError, parse_listen
 from doqproxy.net.sockets import ListenError
@@ -28,7 +29,7 @@ from doqproxy.ops.control import OpsSettings
 from doqproxy.ops.privileges import PrivilegeError, drop_privileges, prepare_state_dir
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.bootstrap import BootstrapError, check_no_loop
-from doqproxy.upstream.targets import parse_target
+from doqproxy.upstream.targets import Target
 
 
 @click.command(cls=config.ConfigCommand)
@@ -42,14 +43,7 @@ from doqproxy.upstream.targets import parse_target
     metavar="ADDR:PORT",
     help="Address for UDP and TCP; repeatable. IPv6 as [::1]:5353.",
 )
-@click.option(
-    "-u",
-    "--upstream",
-    required=True,
-    metavar="quic://HOST[:PORT]|sdns://...",
-    help="The DoQ server; HOST is a name or an IP literal, the port defaults to 853. "
-    "A DNS stamp (sdns://) works too.",
-)
+@upstream_options
 @click.option("--tls-ca-file", metavar="PATH", help="Trust these CAs instead of the system store.")
 @click.option(
     "--tls-server-name",
@@ -120,7 +114,6 @@ from doqproxy.upstream.targets import parse_target
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
-    upstream: str,
     tls_ca_file: str | None,
     tls_server_name: str | None,
     timeout: float,
@@ -136,18 +129,21 @@ def forward(
     verbose: int,
     **options: Any,
 ) -> None:
-    """Forward plain DNS (UDP and TCP) to a DNS-over-QUIC upstream.
+    """Forward plain DNS (UDP and TCP) to DNS-over-QUIC upstreams.
 
     \b
-    Example:
+    Examples:
       doqproxy forward -l 127.0.0.1:5353 -u quic://dns.adguard-dns.com
+      doqproxy forward -u quic://dns.adguard-dns.com -u quic://dns.nextdns.io
     """
     try:
-        target = parse_target(upstream, ("quic",))
-        url = target.url
         addresses = tuple(parse_listen(text) for text in listen)
     except (AddressError, StampError) as exc:
         raise click.ClickException(str(exc)) from None
+    upstreams, selection = upstream_settings(options, check_ca_file)
+    routing = routing_settings(options)
+    for spec in upstreams:  # a stamp carries the address to use
+        routing = with_stamp_addresses(routing, Target(spec.url, spec.addresses))
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
     try:
@@ -159,7 +155,8 @@ def forward(
         listen=addresses,
         pool=pool,
         state_dir=state_dir,
-        upstream=url,
+        upstreams=upstreams,
+        selection=selection,
         tls_ca_file=tls_ca_file,
         tls_server_name=tls_server_name,
         timeout=timeout,
@@ -175,7 +172,7 @@ def forward(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
         cache=cache_settings(options),
-        routing=with_stamp_addresses(routing_settings(options), target),
+        routing=routing,
     )
     if config.deliver(settings):  # check-config or a reload: settings only
         return

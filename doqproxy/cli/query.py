@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -105,7 +104,7 @@ def query(
         dnssec=dnssec,
     )
     try:
-        result = asyncio.run(probe(settings))
+        result = process.run(lambda: probe(settings))
     except ProbeError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

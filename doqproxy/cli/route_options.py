@@ -164,7 +164,7 @@ def upstream_names(settings: Any) -> list[str]:
     """Host names of the encrypted upstreams that will need a lookup (no pinned address)."""
     routing: RoutingSettings = settings.routing
     texts = [text for spec in routing.routes for text in spec.upstreams] + list(routing.fallback)
-    hosts = [settings.upstream.host]
+    hosts = [spec.url.host for spec in settings.upstreams if not spec.addresses]
     for text in texts:
         target = parse_target(text, ROUTE_SCHEMES)
         if target.scheme != "udp" and not target.addresses:

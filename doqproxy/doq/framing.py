@@ -84,5 +84,12 @@ def check_doq_query(question: wire.Question) -> None:
         raise DoqProtocolError("edns-tcp-keepalive option on a DoQ query")
 
 
+def check_doq_response(message: bytes) -> None:
+    """RFC 9250 §4.2.1 and §4.3.3: a response with a non-zero Message ID is a protocol error."""
+    if message[:2] != b"\0\0":
+        message_id = int.from_bytes(message[:2], "big")
+        raise DoqProtocolError(f"response with message ID {message_id}, must be 0")
+
+
 def is_client_bidi(stream_id: int) -> bool:
     return stream_id & 0x3 == 0

@@ -27,6 +27,7 @@ from doqproxy.ops.observers import (
 from doqproxy.ops.systemd import Notifier
 from doqproxy.resolver import Resolver
 from doqproxy.upstream.base import Upstream
+from doqproxy.upstream.group import UpstreamGroup
 from doqproxy.upstream.pool import DoqUpstream
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Operations:
         self.latency: dict[str, LatencyHistogram] = {}
         self.observations = Observations(count=settings.metrics_listen is not None)
         self.resolver: Resolver | None = None
-        self.upstream: DoqUpstream | None = None
+        self.upstream: UpstreamGroup | None = None
         self.inflight: InFlight | None = None
         self.on_reload: Callable[[], object] | None = None
         self.fallbacks: Callable[[], list[Any]] = list
@@ -84,7 +85,7 @@ class Operations:
             return resolver
         return cast(Resolver, ObservedResolver(resolver, self.observations))
 
-    def start(self, resolver: Resolver, upstream: DoqUpstream, inflight: InFlight) -> None:
+    def start(self, resolver: Resolver, upstream: UpstreamGroup, inflight: InFlight) -> None:
         """Called once the listeners are up (raises OSError if metrics cannot bind)."""
         self.resolver, self.upstream, self.inflight = resolver, upstream, inflight
         if self.settings.query_log is not None:
@@ -106,7 +107,7 @@ class Operations:
 
         sources = Sources(
             resolver=lambda: cast(Resolver, self.resolver),
-            upstream=lambda: cast(DoqUpstream, self.upstream),
+            upstream=lambda: cast(UpstreamGroup, self.upstream),
             latency=lambda: self.latency,
             observations=self.observations,
             in_flight=lambda: len(self.inflight) if self.inflight is not None else 0,
@@ -132,13 +133,17 @@ class Operations:
                 )
         if self.inflight is not None:
             parts.append(f"in flight {len(self.inflight)}")
-        if upstream is not None:
-            pool = upstream.stats
-            parts.append(
-                f"upstream {upstream.name}: {len(upstream.connections)} connections, "
-                f"{pool.handshakes} handshakes ({pool.sessions_resumed} resumed, "
-                f"0-RTT {pool.early_data_accepted}/{pool.early_data_sent})"
-            )
+        for member in upstream.members if upstream is not None else ():
+            pool = member.upstream
+            text = f"upstream {member.name} {member.health.state}"
+            if isinstance(pool, DoqUpstream):
+                counts = pool.stats
+                text += (
+                    f": {len(pool.connections)} connections, "
+                    f"{counts.handshakes} handshakes ({counts.sessions_resumed} resumed, "
+                    f"0-RTT {counts.early_data_accepted}/{counts.early_data_sent})"
+                )
+            parts.append(text)
         return "; ".join(parts) or "starting"
 
     async def _heartbeat(self) -> None:

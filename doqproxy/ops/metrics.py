@@ -10,7 +10,9 @@ and copies dicts, both atomic under the GIL.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +26,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from doqproxy import __version__
 from doqproxy.cache.policy import AnswerCache
 from doqproxy.doq.server_rules import DoqServerStats
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
 from doqproxy.resolver import Resolver
+from doqproxy.upstream import doq_connection
+from doqproxy.upstream.group import Member, UpstreamGroup
+from doqproxy.upstream.health import Reason, State
 from doqproxy.upstream.pool import DoqUpstream
 
 _DOQ_CODES = {
@@ -47,7 +53,7 @@ class Sources:
     that swaps the upstream is picked up without re-registering."""
 
     resolver: Callable[[], Resolver]
-    upstream: Callable[[], DoqUpstream]
+    upstream: Callable[[], UpstreamGroup]
     latency: Callable[[], dict[str, LatencyHistogram]]
     observations: Observations
     in_flight: Callable[[], int]
@@ -65,6 +71,20 @@ def counters(
         yield metric
 
 
+def event_loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the event loop running in the calling thread."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return "none"
+    return "uvloop" if type(loop).__module__.partition(".")[0] == "uvloop" else "asyncio"
+
+
+def quic_engine() -> str:
+    """The QUIC library the DoQ client runs on (``QUIC_ENGINE`` where the client names one)."""
+    return str(getattr(doq_connection, "QUIC_ENGINE", "aioquic"))
+
+
 def close_code_label(code: int) -> str:
     """DoQ application codes by name; QUIC transport / TLS codes as hex."""
     if code in _DOQ_CODES:
@@ -77,11 +97,32 @@ class ForwardCollector(Collector):
 
     def __init__(self, sources: Sources) -> None:
         self.sources = sources
+        # Made on the event loop's thread just after start-up; scrapes run on another.
+        self.build = {
+            "version": __version__,
+            "event_loop": event_loop_name(),
+            "quic_engine": quic_engine(),
+        }
+        self.started = time.time()
 
     def collect(self) -> Iterator[Metric]:
+        build = GaugeMetricFamily(
+            "doqproxy_build_info", "Version, event loop and QUIC engine.", labels=list(self.build)
+        )
+        build.add_metric(list(self.build.values()), 1)
+        yield build
+        started = GaugeMetricFamily(
+            "doqproxy_start_time_seconds", "When the forwarder started, in seconds since the epoch."
+        )
+        started.add_metric([], self.started)
+        yield started
         yield from self._queries()
         yield from self._cache(self.sources.resolver().cache)
-        yield from self._pool(self.sources.upstream())
+        group = self.sources.upstream()
+        yield from self._members(group)
+        for member in group.members:
+            if isinstance(member.upstream, DoqUpstream):
+                yield from self._pool(member.upstream)
         yield from self._latency()
         yield from self._fallbacks()
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
@@ -123,6 +164,14 @@ class ForwardCollector(Collector):
         for labels, count in named.items():
             answers.add_metric(list(labels), count)
         yield answers
+        servfails = CounterMetricFamily(
+            "doqproxy_servfail",
+            "SERVFAIL answers by the EDE INFO-CODE doqproxy added (none: the upstream's own).",
+            labels=["ede"],
+        )
+        for ede, count in dict(stats.servfails).items():
+            servfails.add_metric(["none" if ede is None else str(int(ede))], count)
+        yield servfails
         yield from counters(
             "doqproxy_resolver",
             (
@@ -200,6 +249,62 @@ class ForwardCollector(Collector):
         )
         streams.add_metric(label, sum(conn.in_flight for conn in connections))
         yield streams
+
+    def _members(self, group: UpstreamGroup) -> Iterator[Metric]:
+        """What the group knows per upstream: traffic, health, hedging."""
+        members = group.members
+        rows: tuple[tuple[str, str, Callable[[Member], int]], ...] = (
+            ("queries_sent", "Queries sent to the upstream (hedges and side trips included).",
+             lambda m: m.stats.queries_sent),
+            ("answers", "Usable answers (not SERVFAIL/REFUSED) from the upstream.",
+             lambda m: m.stats.answers),
+            ("hedged", "Queries sent to the upstream because the one before it was late.",
+             lambda m: m.stats.hedged),
+            ("races_won", "Answers that won while another upstream had the same query.",
+             lambda m: m.stats.races_won),
+        )  # fmt: skip
+        for name, text, value in rows:
+            family = CounterMetricFamily(f"doqproxy_upstream_{name}", text, labels=["upstream"])
+            for member in members:
+                family.add_metric([member.name], value(member))
+            yield family
+        failures = CounterMetricFamily(
+            "doqproxy_upstream_failures",
+            "Failed queries by reason (connect, timeout, tls, protocol, servfail, refused).",
+            labels=["upstream", "reason"],
+        )
+        srtt = GaugeMetricFamily(
+            "doqproxy_upstream_srtt_seconds",
+            "Smoothed RTT from answers and handshakes (absent until measured).",
+            labels=["upstream"],
+        )
+        state = GaugeMetricFamily(
+            "doqproxy_upstream_state",
+            "1 for the upstream's current health state.",
+            labels=["upstream", "state"],
+        )
+        last_error = GaugeMetricFamily(
+            "doqproxy_upstream_last_error_info",
+            "The upstream's last error (absent when there is none).",
+            labels=["upstream", "error"],
+        )
+        queued = GaugeMetricFamily(
+            "doqproxy_upstream_queued_queries",
+            "Queries waiting inside the upstream's pool for a connection.",
+            labels=["upstream"],
+        )
+        for member in members:
+            health = member.health
+            for reason in Reason:
+                failures.add_metric([member.name, str(reason)], health.failure_count(reason))
+            if health.srtt is not None:
+                srtt.add_metric([member.name], health.srtt)
+            for each in State:
+                state.add_metric([member.name, str(each)], float(health.state is each))
+            if health.last_error:
+                last_error.add_metric([member.name, health.last_error[:200]], 1)
+            queued.add_metric([member.name], member.queued)
+        yield from (failures, srtt, state, last_error, queued)
 
     def _latency(self) -> Iterator[Metric]:
         histograms = dict(self.sources.latency())

@@ -25,6 +25,7 @@ from doqproxy.dns import wire
 from doqproxy.dns.wire import Question
 from doqproxy.resolver import Resolver
 from doqproxy.upstream.base import Upstream
+from doqproxy.upstream.group import answered_by
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,9 @@ class ObservedResolver:
 
     Cache status: ``hit`` is a fast-path cache hit, ``stale`` an answer carrying
     EDE 3 (only visible when the client used EDNS), ``miss`` anything else the
-    cache did not answer up front; ``null`` when there is no cache.
+    cache did not answer up front; ``null`` when there is no cache. ``upstream``
+    is the upstream whose answer was used (the group's name when this query
+    joined another one's fetch).
     """
 
     def __init__(self, resolver: Resolver, observations: Observations) -> None:
@@ -206,11 +209,16 @@ class ObservedResolver:
         if reply is not None:
             self._record(data, reply, udp, "hit", started, client)
             return reply
-        reply = await self.resolver.resolve(data, udp=udp)
+        slot: list[str] = []
+        token = answered_by.set(slot)
+        try:
+            reply = await self.resolver.resolve(data, udp=udp)
+        finally:
+            answered_by.reset(token)
         status: str | None = None
         if self.resolver.cache is not None:
             status = "stale" if reply is not None and reply.endswith(_EDE_STALE) else "miss"
-        self._record(data, reply, udp, status, started, client)
+        self._record(data, reply, udp, status, started, client, slot[-1] if slot else None)
         return reply
 
     def _record(
@@ -221,6 +229,7 @@ class ObservedResolver:
         cache: str | None,
         started: float,
         client: Any,
+        answered: str | None = None,
     ) -> None:
         observations = self.observations
         if observations.count:
@@ -244,7 +253,7 @@ class ObservedResolver:
                 "qtype": qtype,
                 "rcode": rcode,
                 "cache": cache,
-                "upstream": None if cache == "hit" else self.resolver.upstream.name,
+                "upstream": None if cache == "hit" else answered or self.resolver.upstream.name,
                 "latency_ms": round((time.monotonic() - started) * 1000, 3),
             }
         )

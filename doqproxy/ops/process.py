@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger("doqproxy")
 
@@ -22,13 +23,42 @@ def setup_logging(verbose: int) -> None:
         logging.getLogger("quic").setLevel(max(level, logging.INFO))
 
 
-def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run ``main`` on uvloop when it is installed, else on the default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    return int(uvloop.run(main()))
+T = TypeVar("T")
+
+EVENT_LOOP_ENV = "DOQPROXY_EVENT_LOOP"
+"""``uvloop`` or ``asyncio`` forces an event loop; unset or ``auto`` takes uvloop when
+it is installed."""
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main`` on uvloop when it is installed, else on the default loop
+    (``DOQPROXY_EVENT_LOOP=asyncio`` or ``=uvloop`` forces one)."""
+    choice = os.environ.get(EVENT_LOOP_ENV, "auto").strip().lower() or "auto"
+
+    async def logged() -> T:
+        log.info("event loop: %s", event_loop_name())
+        return await main()
+
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise SystemExit(f"Error: {EVENT_LOOP_ENV}={choice!r}: must be auto, uvloop or asyncio")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit(
+                    f"Error: {EVENT_LOOP_ENV}=uvloop, but uvloop is not installed"
+                ) from None
+        else:
+            result: T = uvloop.run(logged())
+            return result
+    return asyncio.run(logged())
+
+
+def event_loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the running event loop's implementation."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.partition(".")[0] == "uvloop" else "asyncio"
 
 
 def stop_event() -> asyncio.Event:

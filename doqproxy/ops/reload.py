@@ -1,10 +1,12 @@
 """SIGHUP: re-read the configuration and apply what can change without a restart.
 
-The listeners and the cache stay as they are. A new upstream (URL, TLS
-settings, pool or padding) gets a new connection pool; the old pool is closed
-once the queries on it had time to finish. The query timeout and the log level
-apply at once. Anything invalid in the new configuration is logged and the old
-configuration stays in force.
+The listeners and the cache stay as they are. The upstream group is rebuilt:
+an upstream whose URL and TLS, pool and padding settings did not change keeps
+its connection pool (the same object, with its health and counters); a new or
+changed one gets a new pool; one that is gone is closed once the queries on it
+had time to finish. The strategy and hedging apply to the next query; the
+query timeout and the log level apply at once. Anything invalid in the new
+configuration is logged and the old configuration stays in force.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from doqproxy.ops.control import Operations
 from doqproxy.resolver import Resolver
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.base import Upstream
-from doqproxy.upstream.pool import DoqUpstream
+from doqproxy.upstream.group import UpstreamGroup, close_later
 
 log = logging.getLogger(__name__)
 
-_UPSTREAM_FIELDS = ("upstream", "tls_ca_file", "tls_server_name", "padding", "pool")
+_UPSTREAM_FIELDS = (
+    "upstreams",
+    "tls_ca_file",
+    "tls_server_name",
+    "padding",
+    "pool",
+    "selection",
+    "timeout",
+)
 
 
 def _lookup_inputs(settings: ForwardSettings) -> tuple[object, ...]:
@@ -38,7 +48,7 @@ class Reloader:
         self,
         settings: ForwardSettings,
         load: Callable[[], ForwardSettings],
-        make_upstream: Callable[[ForwardSettings], DoqUpstream],
+        make_upstream: Callable[[ForwardSettings, UpstreamGroup | None], UpstreamGroup],
         ops: Operations,
         resolver: Resolver,
         *,
@@ -63,7 +73,7 @@ class Reloader:
             if any(getattr(new, name) != getattr(old, name) for name in _UPSTREAM_FIELDS) or (
                 _lookup_inputs(new) != _lookup_inputs(old)
             ):
-                upstream = self.make_upstream(new)
+                upstream = self.make_upstream(new, self.ops.upstream)
         except Exception as exc:  # whatever the loader raises, the old config stays
             log.error("reload failed, keeping the old configuration: %s", exc)
             return False
@@ -79,13 +89,20 @@ class Reloader:
         if upstream is not None:
             previous = self.ops.upstream
             self.ops.upstream = upstream
-            routed = self.route(new, upstream) if self.route is not None else upstream
-            self.resolver.upstream = self.ops.wrap_upstream(routed)
+            self.resolver.upstream = self.route(new, upstream) if self.route else upstream
             if previous is not None:
-                self._retire(previous, grace=old.timeout)
-            log.warning("reload: now forwarding to %s", upstream.name)
+                previous.detach()
+                gone = [m for m in previous.members if m not in upstream.members]
+                if gone:
+                    self._retire(close_later([m.upstream for m in gone], grace=old.timeout))
+            upstream.start()
+            log.warning(
+                "reload: now forwarding to %s (%s)",
+                ", ".join(m.name for m in upstream.members),
+                new.selection.strategy,
+            )
         elif new.routing != old.routing and self.route is not None and self.ops.upstream:
-            self.resolver.upstream = self.ops.wrap_upstream(self.route(new, self.ops.upstream))
+            self.resolver.upstream = self.route(new, self.ops.upstream)
         self.resolver.timeout = new.timeout
         self.resolver.max_udp = new.max_udp_size
         if cache is not None:
@@ -96,12 +113,7 @@ class Reloader:
         log.warning("reload: done")
         return True
 
-    def _retire(self, upstream: DoqUpstream, grace: float) -> None:
-        async def close_later() -> None:
-            await asyncio.sleep(grace)
-            await upstream.aclose()
-
-        task = asyncio.get_running_loop().create_task(close_later())
+    def _retire(self, task: asyncio.Task[None]) -> None:
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 

@@ -9,6 +9,7 @@ handshake completes go out as 0-RTT early data when a session ticket allows it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import socket
@@ -36,6 +37,13 @@ _END_STATES = (
     QuicConnectionState.DRAINING,
     QuicConnectionState.TERMINATED,
 )
+
+
+UNKNOWN_STREAM_CREDIT = 10
+"""Streams assumed allowed on a connection whose peer limit is not known yet (no
+ticket carried it and the handshake is not done): a small guess, so that a
+burst on a cold pool spreads over connections instead of queueing behind a
+limit that may be lower than ours."""
 
 
 class ConnectionLost(UpstreamError):
@@ -84,10 +92,35 @@ class ConnectionInfo:
     close_by_peer: bool = False
 
 
+class _ConnectedTransport:
+    """A connected UDP transport that sends without an address.
+
+    aioquic passes its peer address to every ``sendto``. On a connected socket
+    uvloop accepts only ``None`` or the exact 4-tuple it connected to (an IPv6
+    peer is ``(host, port, flowinfo, scope_id)``), and asyncio only the address
+    it resolved, so the address is dropped here: the kernel knows the peer.
+    """
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+        self._transport = transport
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        self._transport.sendto(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Protocol(QuicConnectionProtocol):
     """Routes aioquic events to the owning :class:`DoqConnection`."""
 
     owner: DoqConnection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        connected = _ConnectedTransport(cast(asyncio.DatagramTransport, transport))
+        super().connection_made(cast(asyncio.BaseTransport, connected))
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         # Deliberately no super(): the default keeps a StreamReader per stream forever.
@@ -95,11 +128,14 @@ class _Protocol(QuicConnectionProtocol):
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         super().datagram_received(data, addr)
-        self.owner.last_heard = time.monotonic()
+        owner = self.owner
+        owner.last_heard = time.monotonic()
         # A peer's CONNECTION_CLOSE only surfaces after the draining period; look now.
         quic = self._quic
         if quic._state in _END_STATES and quic._close_event is not None:
-            self.owner._on_terminated(quic._close_event, draining=True)
+            owner._on_terminated(quic._close_event, draining=True)
+        elif quic._remote_max_streams_bidi != owner._known_max_streams:
+            owner._on_credit()
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port/host unreachable: fail fast instead of waiting for the timeout.
@@ -118,9 +154,11 @@ class DoqConnection:
         ticket_handler: Callable[[SessionTicket], None] | None = None,
         token_handler: Callable[[bytes], None] | None = None,
         on_dead: Callable[[DoqConnection], None] | None = None,
+        on_credit: Callable[[DoqConnection], None] | None = None,
     ) -> None:
         self.address = address
         self._on_dead = on_dead
+        self._on_credit_change = on_credit
         self.configuration = configuration
         self.info = ConnectionInfo(opened_at=time.monotonic())
         self.last_heard = self.info.opened_at
@@ -128,8 +166,12 @@ class DoqConnection:
         self.last_used = self.info.opened_at
         self.dead = False
         self.dead_after = 1.0
-        """Seconds of silence after a query before the connection is presumed dead."""
+        """Least seconds without a single packet from the server, while one of ours
+        awaits its acknowledgement, before the connection is presumed dead."""
         self._watchdog: asyncio.TimerHandle | None = None
+        self._heard_mark = 0.0
+        self._known_max_streams = 0
+        self._credit_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.handshake_timeout = 5.0
         """Seconds from the first flight to a completed handshake before giving up
         (an upstream that drops our packets without an ICMP error)."""
@@ -165,7 +207,11 @@ class DoqConnection:
         self._transport = transport
         self._protocol = protocol
         self._protocol.owner = self
-        self._protocol.connect(self.address, transmit=False)
+        # Datagrams arrive from the kernel's form of the address (a 4-tuple for
+        # IPv6); aioquic matches them against the address it connected to.
+        peer = transport.get_extra_info("peername") or self.address
+        self._protocol.connect(tuple(peer), transmit=False)
+        self._known_max_streams = quic._remote_max_streams_bidi
         self.info.opened_at = time.monotonic()
 
     @property
@@ -211,17 +257,25 @@ class DoqConnection:
 
     @property
     def stream_credit(self) -> int:
-        """Streams the peer still lets us open (its MAX_STREAMS minus those opened).
+        """Queries this connection can still take without exceeding the peer's limit:
+        its MAX_STREAMS, minus the streams opened, minus the queries admitted that
+        have no stream yet (waiting for the handshake or for credit).
 
         Before the handshake the peer's limit is unknown unless a ticket carried
-        it; then the connection is assumed to take a full share.
+        it; then :data:`UNKNOWN_STREAM_CREDIT` is assumed.
         """
         if self._protocol is None:
             return 0
         quic = self._protocol._quic
-        if not self.handshake_done.done() and not quic._remote_max_streams_bidi:
-            return 1 << 30
-        return quic._remote_max_streams_bidi - quic._local_next_stream_id_bidi // 4
+        limit = quic._remote_max_streams_bidi
+        if not limit and not self.handshake_done.done():
+            limit = UNKNOWN_STREAM_CREDIT
+        waiting = self.in_flight - len(self._pending)
+        return limit - quic._local_next_stream_id_bidi // 4 - max(0, waiting)
+
+    def _has_stream_credit(self) -> bool:
+        quic = self.quic
+        return quic._local_next_stream_id_bidi // 4 < quic._remote_max_streams_bidi
 
     @property
     def idle_timeout(self) -> float:
@@ -248,18 +302,29 @@ class DoqConnection:
             self.last_used = time.monotonic()
 
     async def _exchange(self, message: bytes) -> bytes:
+        while not self.dead and self._protocol is not None and not self._has_stream_credit():
+            # Opening a stream beyond the peer's MAX_STREAMS would queue it inside
+            # aioquic, and cancelling it later would send frames for a stream the
+            # peer never allowed (it closes with STREAM_LIMIT_ERROR). Wait here: a
+            # query cancelled meanwhile leaves without a trace.
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._credit_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    self._credit_waiters.remove(waiter)
         if self.dead or self._protocol is None:
             raise ConnectionLost("connection is closed")
         quic = self._protocol._quic
         stream_id = quic.get_next_available_stream_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = (framing.StreamReader(), future)
-        sent_at = time.monotonic()
         if not self.handshake_done.done():
             self.info.early_data_sent = True
         quic.send_stream_data(stream_id, framing.frame(message), end_stream=True)
         self.flush()
-        self._arm_watchdog(sent_at)
+        self._arm_watchdog()
         try:
             return await future
         finally:
@@ -267,29 +332,63 @@ class DoqConnection:
                 # Cancelled (timeout) before the answer: tell the server to stop.
                 self._cancel_stream(stream_id)
 
-    def _arm_watchdog(self, sent_at: float) -> None:
+    def _on_credit(self) -> None:
+        """The peer's stream limit changed: let waiting queries open their streams."""
+        quic = self.quic
+        self._known_max_streams = quic._remote_max_streams_bidi
+        free = quic._remote_max_streams_bidi - quic._local_next_stream_id_bidi // 4
+        waiters = self._credit_waiters
+        while waiters and free > 0:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+        if self._on_credit_change is not None:
+            self._on_credit_change(self)
+
+    @property
+    def liveness_window(self) -> float:
+        """Seconds the server may stay completely silent while a packet of ours
+        awaits acknowledgement: ``dead_after``, or three PTOs on a slow path."""
+        return max(self.dead_after, 3 * self.quic._loss.get_probe_timeout())
+
+    def _arm_watchdog(self) -> None:
         """Notice a connection that died silently (a restarted server drops our
-        packets without a reset): if nothing at all is heard within
-        ``dead_after`` of sending a query, the connection is declared lost and
-        its queries fail with :class:`ConnectionLost`, which the pool retries."""
-        if self._watchdog is not None or not self.handshake_complete:
+        packets without a reset), without mistaking a slow answer for death.
+
+        Liveness is judged at the QUIC level: while queries are pending, some
+        ack-eliciting packet of ours is always outstanding (a query, or else a
+        PING sent for the purpose), and the server must acknowledge it. If not a
+        single packet arrives from the server for a whole
+        :attr:`liveness_window`, the connection is declared lost and its queries
+        fail with :class:`ConnectionLost`, which the pool retries. A server that
+        acknowledges is alive, however long its answers take.
+        """
+        if self._watchdog is not None or not self.handshake_complete or self.dead:
             return
-        delay = max(self.dead_after, 4 * self.quic._loss._rtt_smoothed)
+        self._ensure_outstanding()
+        self._heard_mark = self.last_heard
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(self.liveness_window, self._check_liveness)
 
-        def check() -> None:
-            self._watchdog = None
-            if self.dead or not self._pending:
-                return
-            if self.last_heard < sent_at:
-                self._fail(ConnectionLost(f"no reply from the server for {delay:.1f}s"))
-                if self._protocol is not None:
-                    self._protocol.close(
-                        error_code=framing.DoqError.NO_ERROR, reason_phrase="unresponsive"
-                    )
-            else:
-                self._arm_watchdog(time.monotonic())
+    def _ensure_outstanding(self) -> None:
+        """Send a PING unless an ack-eliciting packet already awaits its ACK."""
+        quic = self.quic
+        if not quic._spaces[Epoch.ONE_RTT].ack_eliciting_in_flight:
+            quic.send_ping(0)
+            assert self._protocol is not None
+            self._protocol.transmit()
 
-        self._watchdog = asyncio.get_running_loop().call_later(delay, check)
+    def _check_liveness(self) -> None:
+        self._watchdog = None
+        if self.dead or not self._pending or self._protocol is None:
+            return
+        if self.last_heard == self._heard_mark:
+            window = self.liveness_window
+            self._fail(ConnectionLost(f"no acknowledgement from the server for {window:.1f}s"))
+            self._protocol.close(error_code=framing.DoqError.NO_ERROR, reason_phrase="unresponsive")
+            return
+        self._arm_watchdog()
 
     def restart_idle_timer(self) -> None:
         """Count the idle timeout from now: a prepared connection may have waited."""
@@ -334,6 +433,8 @@ class DoqConnection:
     def _cancel_stream(self, stream_id: int) -> None:
         assert self._protocol is not None
         quic = self._protocol._quic
+        if stream_id // 4 >= quic._remote_max_streams_bidi:
+            return  # never allowed by the peer, so never sent: nothing to cancel
         try:
             quic.reset_stream(stream_id, framing.DoqError.REQUEST_CANCELLED)
             quic.stop_stream(stream_id, framing.DoqError.REQUEST_CANCELLED)
@@ -366,6 +467,8 @@ class DoqConnection:
         reader, future = entry
         try:
             message = reader.feed(event.data, event.end_stream)
+            if message is not None:
+                framing.check_doq_response(message)
         except framing.DoqProtocolError as exc:
             del self._pending[event.stream_id]
             future.set_exception(UpstreamError(f"bad DoQ answer: {exc}", Ede.INVALID_DATA))
@@ -405,6 +508,8 @@ class DoqConnection:
             self._handshake_timer = None
         if not self.handshake_done.done():
             self.handshake_done.set_result(None)
+        if self._pending:  # early-data queries, sent before the watchdog could run
+            self._arm_watchdog()
         log.debug(
             "connected to %s: resumed=%s early_data=%s accepted=%s",
             self.address,
@@ -437,6 +542,10 @@ class DoqConnection:
         for _, future in pending.values():
             if not future.done():
                 future.set_exception(exc)
+        waiters, self._credit_waiters = self._credit_waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # the query then sees ``dead``
         if self._on_dead is not None:
             self._on_dead(self)
 

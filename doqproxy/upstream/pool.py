@@ -75,7 +75,8 @@ class PoolSettings:
     zero_rtt: bool = True
     pad_block: int | None = 128
     dead_after: float = 1.0
-    """Seconds of total silence after a query before a connection is presumed dead."""
+    """Least seconds of total silence from the server, while a packet of ours awaits
+    its acknowledgement, before a connection is presumed dead (slow answers are not)."""
     max_age: float | None = None
     """Seconds after which a connection takes no new queries and is closed once idle."""
     handshake_timeout: float = 5.0
@@ -128,6 +129,8 @@ class DoqUpstream:
         self._preparing: asyncio.Future[DoqConnection] | None = None
         self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
+        self.on_handshake: Callable[[float], None] | None = None
+        """Called with the network RTT (seconds) measured by each completed handshake."""
 
     async def query(self, message: bytes, question: Question) -> bytes:
         early = self.settings.zero_rtt and question.opcode in REPLAYABLE_OPCODES
@@ -177,6 +180,11 @@ class DoqUpstream:
     @property
     def in_flight(self) -> int:
         return sum(conn.in_flight for conn in self._connections)
+
+    @property
+    def queued_now(self) -> int:
+        """Queries waiting for capacity right now."""
+        return len(self._waiters)
 
     # --- choosing and opening connections -----------------------------------------
 
@@ -231,8 +239,7 @@ class DoqUpstream:
         self._opening = None
         if not task.cancelled() and task.exception() is None:
             # Those queued for capacity can use the new connection.
-            for _ in range(self.settings.max_streams):
-                self._wake_one()
+            self._on_credit(task.result())
 
     async def _open(self) -> DoqConnection:
         if self._preparing is not None:
@@ -277,6 +284,7 @@ class DoqUpstream:
             ticket_handler=lambda ticket: self.tickets.add(self._key, ticket),
             token_handler=lambda token: self.tickets.set_token(self._key, token),
             on_dead=self._forget,
+            on_credit=self._on_credit,
         )
         conn.dead_after = self.settings.dead_after
         conn.handshake_timeout = self.settings.handshake_timeout
@@ -464,6 +472,7 @@ class DoqUpstream:
             self._last_error = str(failure) if failure else "handshake failed"
             return
         self._backoff.succeeded()
+        self._on_credit(conn)  # the peer's real stream limit is known now
         self._preferred = conn.address
         self._failed_at.pop(conn.address, None)
         stats = self.stats
@@ -471,6 +480,16 @@ class DoqUpstream:
         stats.sessions_resumed += bool(info.session_resumed)
         stats.early_data_sent += info.early_data_sent
         stats.early_data_accepted += bool(info.early_data_accepted)
+        if self.on_handshake is not None:
+            loss = conn.quic._loss
+            if loss._rtt_initialized:
+                self.on_handshake(loss._rtt_smoothed)
+
+    def _on_credit(self, conn: DoqConnection) -> None:
+        """More queries fit on ``conn``: wake as many of those queued for capacity."""
+        spare = min(self.settings.max_streams - conn.in_flight, conn.stream_credit)
+        for _ in range(spare):
+            self._wake_one()
 
     def _forget(self, conn: DoqConnection) -> None:
         """Called by a connection when it dies: drop it and release its socket."""
