@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
+from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -46,3 +47,20 @@ def check_pin(
     found = spki_sha256(certificate)
     if found not in pins:
         raise PinMismatch(server, found)
+
+
+def pin_mismatch(
+    quic: QuicConnection, address: str, pins: tuple[str, ...], resumed: bool
+) -> PinMismatch | None:
+    """For a QUIC client whose handshake just completed: the mismatch, if any.
+
+    A resumed session carries no certificate; its ticket came from a connection that
+    passed this check (the pool keeps the tickets of pinned upstreams apart).
+    """
+    if not pins or resumed:
+        return None
+    try:
+        check_pin(quic.configuration.server_name or address, quic.tls._peer_certificate, pins)
+    except PinMismatch as exc:
+        return exc
+    return None
