@@ -172,7 +172,11 @@ class Routes:
             else dataclasses.replace(settings.pool, pad_block=None)
         )
         builder = RouteBuilder(
-            settings.routing, ca_file=settings.tls_ca_file, pool=pool, timeout=settings.timeout
+            settings.routing,
+            ca_file=settings.tls_ca_file,
+            pool=pool,
+            timeout=settings.timeout,
+            selection=settings.selection,
         )
         builder.tickets = self.tickets  # one ticket file, one writer
         old = self.builder
@@ -207,7 +211,7 @@ def _reusable(builder: RouteBuilder) -> tuple[object, ...]:
     """What an upstream made by ``builder`` depends on, besides its URL."""
     routing = builder.routing
     return (routing.bootstrap, routing.addresses, routing.pins, builder.ca_file, builder.pool,
-            builder.timeout)  # fmt: skip
+            builder.timeout, builder.selection)  # fmt: skip
 
 
 _closing: set[asyncio.Task[None]] = set()

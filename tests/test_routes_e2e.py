@@ -13,7 +13,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
 from .serve_helpers import PlainDnsServer, rcode_of, rdatas
 
@@ -85,6 +85,26 @@ async def test_routes_local_zones_and_overrides(
         await _ask(port, override, "PTR")
         assert _names(plain)[-1] == override
         assert override not in upstream.seen_names()
+    finally:
+        await plain.stop()
+
+
+async def test_route_with_several_upstreams_steps_around_a_dead_one(
+    upstream: DoqTestUpstream, start_proxy: object
+) -> None:
+    plain = PlainDnsServer()
+    await plain.start()
+    try:
+        dead = f"udp://127.0.0.1:{free_port()}"  # nothing there: ICMP port unreachable
+        proxy: ProxyProcess = start_proxy(  # type: ignore[operator]
+            upstream.port,
+            "--route", f"plain.test={dead},udp://127.0.0.1:{plain.port}",
+            "--upstream-strategy", "failover",
+        )  # fmt: skip
+        for index in range(3):
+            reply = await _ask(proxy.port, f"h{index}.plain.test")
+            assert rdatas(reply) == ["198.51.100.7"]
+        assert _names(plain) == [f"h{i}.plain.test." for i in range(3)]
     finally:
         await plain.stop()
 
