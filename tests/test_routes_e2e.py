@@ -6,6 +6,8 @@ where it matters: on the upstream side."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import dns.asyncquery
 import dns.message
@@ -28,8 +30,9 @@ def _names(plain: PlainDnsServer) -> list[str]:
 
 
 async def test_routes_local_zones_and_overrides(
-    upstream: DoqTestUpstream, start_proxy: object
+    upstream: DoqTestUpstream, start_proxy: object, tmp_path: Path
 ) -> None:
+    query_log = tmp_path / "queries.jsonl"
     plain = PlainDnsServer()
     await plain.start()
     try:
@@ -39,6 +42,7 @@ async def test_routes_local_zones_and_overrides(
             "--route", f"plain.test={at}",
             "--route", f"eu.plain.test=quic://127.0.0.1:{upstream.port}",
             "--route", f"5.168.192.in-addr.arpa={at}",
+            "--query-log", str(query_log),
         )  # fmt: skip
         port = proxy.port
 
@@ -85,6 +89,18 @@ async def test_routes_local_zones_and_overrides(
         await _ask(port, override, "PTR")
         assert _names(plain)[-1] == override
         assert override not in upstream.seen_names()
+
+        # The query log says who answered each.
+        proxy.stop()
+        by_name = {}
+        for line in query_log.read_text().splitlines():
+            entry = json.loads(line)
+            by_name[entry["qname"].lower()] = entry["upstream"]
+        assert by_name["host.corp.plain.test."] == at
+        assert by_name["a.test."] == f"quic://127.0.0.1:{upstream.port}"
+        assert by_name["x.eu.plain.test."] == f"quic://127.0.0.1:{upstream.port}"
+        assert by_name["localhost."] == "local"
+        assert by_name[ptr.lower()] == "local"
     finally:
         await plain.stop()
 
