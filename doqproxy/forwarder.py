@@ -12,9 +12,12 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from doqproxy.cache.policy import make_cache
+from doqproxy.frontend.access import AccessList, default_access, listener_reaches_lan
+from doqproxy.frontend.admission import AccessSettings, Admission
 from doqproxy.frontend.inflight import InFlight
 from doqproxy.frontend.tcp import TcpFrontEnd
 from doqproxy.frontend.udp import UdpFrontEnd
+from doqproxy.net.interfaces import InterfaceAddress, InterfaceError, interface_addresses
 from doqproxy.net.sockets import bind
 from doqproxy.ops import process
 from doqproxy.ops.control import Operations
@@ -260,15 +263,21 @@ async def serve(
     ops.fallbacks = lambda: routes.fallbacks
     front_resolver = ops.front_resolver(resolver)
     inflight = InFlight()
-    tcp_front = TcpFrontEnd(front_resolver, inflight, settings.tcp)
-    udp_fronts: list[UdpFrontEnd] = []
-    servers: list[asyncio.base_events.Server] = []
     if isinstance(sockets, Activated):
         udp_socks, tcp_socks = list(sockets.udp), list(sockets.tcp)
     else:
         udp_socks, tcp_socks = [u for u, _ in sockets], [t for _, t in sockets]
+    hosts = [str(s.getsockname()[0]) for s in (*udp_socks, *tcp_socks)]
+    access, reaches_lan = access_for(settings.access, hosts)
+    admission = Admission(settings.access, access, reaches_lan=reaches_lan)
+    log_access(admission, settings.access, reaches_lan)
+    ops.admission = admission
+    tcp_front = TcpFrontEnd(front_resolver, inflight, settings.tcp, admission)
+    ops.tcp_stats = tcp_front.stats
+    udp_fronts: list[UdpFrontEnd] = []
+    servers: list[asyncio.base_events.Server] = []
     for udp_sock in udp_socks:
-        front = UdpFrontEnd(front_resolver, inflight)
+        front = UdpFrontEnd(front_resolver, inflight, admission)
         await loop.create_datagram_endpoint(lambda front=front: front, sock=udp_sock)  # type: ignore[misc]
         udp_fronts.append(front)
     for tcp_sock in tcp_socks:
@@ -288,7 +297,17 @@ async def serve(
             resolver,
             route=routes.apply,
         )
-        ops.on_reload = reloader
+
+        def on_reload(reloader: Reloader = reloader) -> None:
+            reloader()
+            # Addresses come and go (DHCP, a new VLAN): re-read them even when the
+            # configuration itself did not change.
+            new = reloader.settings.access
+            access, reaches_lan = access_for(new, hosts)
+            admission.reconfigure(new, access, reaches_lan=reaches_lan)
+            log_access(admission, new, reaches_lan)
+
+        ops.on_reload = on_reload
     # Everything allocated so far lives as long as the process: keep it out of the
     # collector's way, so that full collections stay short (tail latency).
     gc.collect()
@@ -324,6 +343,38 @@ async def serve(
         task.cancel()
     builder.tickets.save()
     return status
+
+
+def access_for(settings: AccessSettings, hosts: list[str]) -> tuple[AccessList, bool]:
+    """The access list for the listen addresses ``hosts`` and whether they reach a LAN."""
+    addresses: list[InterfaceAddress] = []
+    if not settings.allow:
+        try:
+            addresses = interface_addresses()
+        except InterfaceError as exc:
+            log.warning("cannot read interface addresses (%s): answering loopback only", exc)
+    return default_access(settings.allow, hosts, addresses), listener_reaches_lan(hosts)
+
+
+def log_access(admission: Admission, settings: AccessSettings, reaches_lan: bool) -> None:
+    """Say who is answered, and how fast: a WARNING when other hosts can reach us."""
+    if admission.access.open:
+        log.warning(
+            "--allow any: answering every client that can reach the listener (an open "
+            "resolver); make sure a firewall keeps the internet out"
+        )
+    rate = (
+        f"{admission.rate:g} queries/s per /{settings.ratelimit_prefix_v4} and "
+        f"/{settings.ratelimit_prefix_v6}"
+        if admission.rate
+        else "off"
+    )
+    log.log(
+        logging.WARNING if reaches_lan else logging.INFO,
+        "clients allowed from %s; UDP rate limit %s",
+        admission.access.describe(),
+        rate,
+    )
 
 
 def _sockname(sock: socket.socket) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +65,57 @@ class Failure:
 Outcome = Answer | Failure
 
 
+class FailureLog:
+    """SERVFAIL log lines without the flood: one line per (name, EDE code) every
+    ``interval`` seconds, saying how many like it were held back, and at most
+    ``burst`` lines per interval in all.
+
+    Every client waiting on one failed name gets a SERVFAIL; a burst of them
+    would otherwise be thousands of identical WARNING lines.
+    """
+
+    def __init__(
+        self,
+        interval: float = 10.0,
+        burst: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.burst = burst
+        self.clock = clock
+        self._seen: dict[tuple[str, int], list[float]] = {}  # key -> [logged at, held back]
+        self._window = -interval
+        self._lines = 0
+        self._held = 0
+
+    def note(self, name: str, ede: int, reason: str) -> None:
+        """Log (or count) one SERVFAIL; the reason text may vary within one key
+        (backoff times, error details), the line shows the latest."""
+        now = self.clock()
+        if now - self._window >= self.interval:
+            if self._held:
+                log.warning(
+                    "%d more SERVFAIL lines were held back in %gs", self._held, self.interval
+                )
+            self._window, self._lines, self._held = now, 0, 0
+            if len(self._seen) > 4096:
+                self._seen = {
+                    k: v for k, v in self._seen.items() if now - v[0] < self.interval or v[1]
+                }
+        key = (name, ede)
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return
+        if self._lines >= self.burst:
+            self._held += 1
+            return
+        self._lines += 1
+        more = f" (and {int(seen[1])} more like it)" if seen is not None and seen[1] else ""
+        self._seen[key] = [now, 0]
+        log.warning("SERVFAIL for %s: %s%s", name, reason, more)
+
+
 class Resolver:
     """Answers raw DNS queries through one :class:`~doqproxy.upstream.base.Upstream`.
 
@@ -92,6 +145,7 @@ class Resolver:
         self.cache = cache
         self._fetches: Coalescer[Outcome] = Coalescer()
         self._background: set[asyncio.Task[None]] = set()
+        self.failure_log = FailureLog()
         if cache is not None:
             cache.prefetch_hook = self._refresh
 
@@ -234,7 +288,7 @@ class Resolver:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
         self.stats.servfails[ede] = self.stats.servfails.get(ede, 0) + 1
-        log.warning("SERVFAIL for %s: %s", wire.name_text(question.qname), reason)
+        self.failure_log.note(wire.name_text(question.qname), ede, reason)
         return wire.error_reply(
             question, wire.RCODE_SERVFAIL, payload=self.max_udp, ede=(ede, reason[:200])
         )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from doqproxy.cache.policy import CacheSettings
+from doqproxy.frontend.admission import AccessSettings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.control import OpsSettings
@@ -40,3 +41,4 @@ class ForwardSettings:
     """How queries are spread over the upstreams (strategy, hedging)."""
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     """Routes, local zones, bootstrap, pinned addresses and SPKI pins, fallback."""
+    access: AccessSettings = field(default_factory=AccessSettings)

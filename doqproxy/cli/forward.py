@@ -11,6 +11,7 @@ import click
 
 from doqproxy import forwarder
 from doqproxy.cli import config
+from doqproxy.cli.access_options import access_options, access_settings, tcp_limits
 from doqproxy.cli.cache_options import cache_options, cache_settings
 from doqproxy.cli.pool_options import pool_options, pool_settings
 from doqproxy.cli.route_options import (
@@ -26,10 +27,16 @@ from doqproxy.net.sockets import ListenError
 from doqproxy.net.stamps import StampError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
-from doqproxy.ops.privileges import PrivilegeError, drop_privileges, prepare_state_dir
+from doqproxy.ops.privileges import (
+    PrivilegeError,
+    drop_privileges,
+    prepare_state_dir,
+    warn_if_root,
+)
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.bootstrap import BootstrapError, check_no_loop
 from doqproxy.upstream.targets import Target
+from doqproxy.upstream.tickets import StateDirError, check_state_dir
 
 
 @click.command(cls=config.ConfigCommand)
@@ -111,6 +118,7 @@ from doqproxy.upstream.targets import Target
 @pool_options
 @cache_options
 @route_options
+@access_options
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
@@ -162,12 +170,16 @@ def forward(
         timeout=timeout,
         padding=not no_padding,
         max_udp_size=max_udp_size,
-        tcp=TcpLimits(
-            idle_timeout=tcp_idle_timeout,
-            message_timeout=tcp_message_timeout,
-            max_connections=tcp_max_connections,
-            max_connections_per_ip=tcp_max_connections_per_ip,
+        tcp=tcp_limits(
+            options,
+            TcpLimits(
+                idle_timeout=tcp_idle_timeout,
+                message_timeout=tcp_message_timeout,
+                max_connections=tcp_max_connections,
+                max_connections_per_ip=tcp_max_connections_per_ip,
+            ),
         ),
+        access=access_settings(options),
         ops=OpsSettings(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
@@ -204,6 +216,12 @@ def forward(
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None
+    warn_if_root()
+    try:
+        if settings.state_dir is not None:
+            check_state_dir(settings.state_dir)
+    except StateDirError as exc:
+        raise click.ClickException(str(exc)) from None
     reload = config.reloader()
     raise SystemExit(process.run(lambda: forwarder.serve(settings, sockets, reload)))
 

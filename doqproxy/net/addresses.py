@@ -84,7 +84,10 @@ def parse_upstream(text: str, schemes: tuple[str, ...] = ("quic",)) -> UpstreamU
             f"upstream {text!r}: expected a URL like {schemes[0]}://dns.example"
             f"[:{SCHEME_PORTS[schemes[0]]}]"
         )
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # "Invalid IPv6 URL" for stray brackets (found by fuzzing)
+        raise AddressError(f"upstream {text!r}: {exc}") from None
     if parts.scheme not in schemes:
         wanted = " or ".join(f"{s}://" for s in schemes)
         raise AddressError(f"upstream {text!r}: unknown scheme {parts.scheme!r}, use {wanted}")

@@ -29,6 +29,8 @@ from prometheus_client.registry import Collector
 from doqproxy import __version__
 from doqproxy.cache.policy import AnswerCache
 from doqproxy.doq.server_rules import DoqServerStats
+from doqproxy.frontend.admission import AdmissionStats
+from doqproxy.frontend.tcp import TcpStats
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
 from doqproxy.resolver import Resolver
@@ -59,6 +61,8 @@ class Sources:
     in_flight: Callable[[], int]
     fallbacks: Callable[[], list[Any]] = list
     """The routes' :class:`~doqproxy.upstream.fallback.FallbackUpstream` wrappers."""
+    admission: Callable[[], AdmissionStats | None] = lambda: None
+    tcp: Callable[[], TcpStats | None] = lambda: None
 
 
 def counters(
@@ -128,6 +132,43 @@ class ForwardCollector(Collector):
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
         in_flight.add_metric([], self.sources.in_flight())
         yield in_flight
+        yield from self._admission()
+
+    def _admission(self) -> Iterator[Metric]:
+        stats = self.sources.admission()
+        if stats is not None:
+            refused = CounterMetricFamily(
+                "doqproxy_refused",
+                "Queries not forwarded: outside --allow (acl), RD=0 from off-host (snoop), "
+                "over --ratelimit, from a reflection port, or beyond --max-in-flight.",
+                labels=["reason"],
+            )
+            for reason, count in dict(stats.refused).items():
+                refused.add_metric([reason], count)
+            yield refused
+            limited = CounterMetricFamily(
+                "doqproxy_ratelimited",
+                "UDP queries and error replies over the rate limit: dropped, or slipped (TC=1).",
+                labels=["action"],
+            )
+            for action, count in dict(stats.ratelimited).items():
+                limited.add_metric([action], count)
+            yield limited
+            yield from counters(
+                "doqproxy",
+                (("any_minimal", stats.any_minimal, "ANY over UDP answered per RFC 8482."),),
+            )
+        tcp = self.sources.tcp()
+        if tcp is not None:
+            yield from counters(
+                "doqproxy_tcp_connections",
+                (
+                    ("refused", tcp.refused, "TCP connections refused: no slot free."),
+                    ("evicted", tcp.evicted, "Idle TCP connections closed to make room."),
+                    ("shed", tcp.shed, "TCP connections closed over the write budget."),
+                    ("aged", tcp.aged, "TCP connections closed at the maximum age."),
+                ),
+            )
 
     def _fallbacks(self) -> Iterator[Metric]:
         wrappers = self.sources.fallbacks()
@@ -356,7 +397,14 @@ class ServeCollector(Collector):
             "doqproxy_serve",
             (
                 ("connections", stats.connections, "Connections accepted."),
-                ("refused", stats.refused, "Connections refused at --max-connections."),
+                ("refused", stats.refused, "Connections refused before any TLS work (caps)."),
+                ("retries", stats.retries, "Retry packets sent to validate client addresses."),
+                (
+                    "handshake_timeouts",
+                    stats.handshake_timeouts,
+                    "Connections closed at --handshake-timeout.",
+                ),
+                ("refused_queries", stats.refused_queries, "Queries refused (0-RTT, NOTIFY)."),
                 ("queries", stats.streams, "Queries read completely."),
                 ("early_queries", stats.early_queries, "Queries that arrived as 0-RTT data."),
                 ("too_early", stats.too_early, "0-RTT queries refused with EDE 26."),
@@ -372,6 +420,9 @@ class ServeCollector(Collector):
         active = GaugeMetricFamily("doqproxy_serve_active_connections", "Open connections.")
         active.add_metric([], stats.active)
         yield active
+        handshaking = GaugeMetricFamily("doqproxy_serve_handshakes", "Handshakes under way.")
+        handshaking.add_metric([], stats.handshaking)
+        yield handshaking
 
 
 class MetricsServer:
