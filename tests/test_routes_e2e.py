@@ -39,7 +39,7 @@ async def test_routes_local_zones_and_overrides(
         at = f"udp://127.0.0.1:{plain.port}"
         proxy: ProxyProcess = start_proxy(  # type: ignore[operator]
             upstream.port,
-            "--route", f"plain.test={at}",
+            "--route", f"plain.test,corp.test={at}",
             "--route", f"eu.plain.test=quic://127.0.0.1:{upstream.port}",
             "--route", f"5.168.192.in-addr.arpa={at}",
             "--query-log", str(query_log),
@@ -52,6 +52,10 @@ async def test_routes_local_zones_and_overrides(
         assert _names(plain) == ["host.corp.plain.test."]
         assert plain.state.padded == [False]
         assert "host.corp.plain.test." not in upstream.seen_names()
+
+        await _ask(port, "host.corp.test")  # the fixture refuses it, but it went there
+        assert _names(plain)[-1] == "host.corp.test."
+        assert "host.corp.test." not in upstream.seen_names()
 
         # Everything else goes over DoQ, padded as before.
         reply = await _ask(port, "a.test")
