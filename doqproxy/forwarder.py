@@ -25,6 +25,7 @@ from doqproxy.ops.reload import Reloader
 from doqproxy.ops.systemd import Activated
 from doqproxy.resolver import Resolver
 from doqproxy.routing.build import RouteBuilder, fallbacks_of
+from doqproxy.routing.local_zones import LocalZones
 from doqproxy.routing.router import Router, affected, changed_domains
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.base import Upstream
@@ -192,6 +193,15 @@ class Routes:
         specs = {".": "-u", **(routed.specs if isinstance(routed, Router) else {})}
         self.resolver.local = local if local else None
         cache = self.resolver.cache
+        if (
+            old is not None
+            and cache is not None
+            and old.routing.local_zones != (settings.routing.local_zones)
+        ):
+            served = LocalZones()  # what is (or was) answered here must not come from the cache
+            dropped = cache.drop_names(lambda name: served.zone_of(name) is not None)
+            log.warning("reload: local zones turned %s; %d cached entries dropped",
+                        "on" if settings.routing.local_zones else "off", dropped)  # fmt: skip
         if old is not None and cache is not None:
             changed = changed_domains(self.specs, specs)
             if changed:
