@@ -90,8 +90,7 @@ class DoqConnection:
         """Seconds from the first flight to a completed handshake before giving up
         (an upstream that drops our packets without an ICMP error)."""
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self.pins: tuple[str, ...] = ()
-        """Accepted SPKI SHA-256 pins (base64); empty means no pinning."""
+        self.pins: tuple[str, ...] = ()  # accepted SPKI SHA-256 pins (base64), if any
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, tuple[framing.StreamReader, asyncio.Future[bytes]]] = {}
         self._session: ClientSession | None = None
