@@ -1,6 +1,6 @@
 """The one request pipeline that every front end (UDP, TCP, DoQ) hands queries to.
 
-validate → cache → coalesce → upstream → cache → reply. Each step is a pure
+validate → local zones → cache → coalesce → upstream → cache → reply. Each step is a pure
 function from :mod:`doqproxy.dns.validate`, :mod:`doqproxy.cache.policy` or
 :mod:`doqproxy.dns.rewrite`; this module only sequences them, applies the deadline
 and turns failures into SERVFAIL with an Extended DNS Error saying why, or into
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from doqproxy.coalesce import Coalescer
 from doqproxy.dns import rewrite, validate, wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
+from doqproxy.routing.local_zones import LocalZones
 from doqproxy.upstream.base import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,8 @@ class ResolverStats:
     queries: int = 0
     dropped: int = 0
     rejected: int = 0
+    local: int = 0
+    """Answered from a locally served zone (never sent upstream)."""
     upstream_errors: int = 0
     rcodes: dict[int, int] = field(default_factory=dict)
     servfails: dict[int | None, int] = field(default_factory=dict)
@@ -59,6 +64,57 @@ class Failure:
 Outcome = Answer | Failure
 
 
+class FailureLog:
+    """SERVFAIL log lines without the flood: one line per (name, EDE code) every
+    ``interval`` seconds, saying how many like it were held back, and at most
+    ``burst`` lines per interval in all.
+
+    Every client waiting on one failed name gets a SERVFAIL; a burst of them
+    would otherwise be thousands of identical WARNING lines.
+    """
+
+    def __init__(
+        self,
+        interval: float = 10.0,
+        burst: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval
+        self.burst = burst
+        self.clock = clock
+        self._seen: dict[tuple[str, int], list[float]] = {}  # key -> [logged at, held back]
+        self._window = -interval
+        self._lines = 0
+        self._held = 0
+
+    def note(self, name: str, ede: int, reason: str) -> None:
+        """Log (or count) one SERVFAIL; the reason text may vary within one key
+        (backoff times, error details), the line shows the latest."""
+        now = self.clock()
+        if now - self._window >= self.interval:
+            if self._held:
+                log.warning(
+                    "%d more SERVFAIL lines were held back in %gs", self._held, self.interval
+                )
+            self._window, self._lines, self._held = now, 0, 0
+            if len(self._seen) > 4096:
+                self._seen = {
+                    k: v for k, v in self._seen.items() if now - v[0] < self.interval or v[1]
+                }
+        key = (name, ede)
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return
+        if self._lines >= self.burst:
+            self._held += 1
+            return
+        self._lines += 1
+        more = f" (and {int(seen[1])} more like it)" if seen is not None and seen[1] else ""
+        self._seen[key] = [now, 0]
+        log.warning("SERVFAIL for %s: %s%s", name, reason, more)
+
+
 class Resolver:
     """Answers raw DNS queries through one :class:`~doqproxy.upstream.base.Upstream`.
 
@@ -75,16 +131,20 @@ class Resolver:
         opcodes: frozenset[int] = frozenset({wire.OPCODE_QUERY}),
         cache: AnswerCache | None = None,
         max_udp: int = wire.DEFAULT_MAX_UDP,
+        local: LocalZones | None = None,
     ) -> None:
         self.upstream = upstream
         self.max_udp = max_udp
         """The largest UDP reply (``--max-udp-size``); the cache, if any, has the same."""
+        self.local = local
+        """Names answered here (localhost., private reverse zones, ...); swapped on reload."""
         self.timeout = timeout
         self.opcodes = opcodes
         self.stats = ResolverStats()
         self.cache = cache
         self._fetches: Coalescer[Outcome] = Coalescer()
         self._background: set[asyncio.Task[None]] = set()
+        self.failure_log = FailureLog()
         if cache is not None:
             cache.prefetch_hook = self._refresh
 
@@ -121,6 +181,14 @@ class Resolver:
                 self.stats.rejected += 1
             log.debug("rejected query: %s", verdict.reason)
             return verdict.reply
+        local = self.local
+        if local:
+            reply = local.reply(verdict, payload=self.max_udp)
+            if reply is not None:
+                self.stats.local += 1
+                rcode = wire.get_rcode(reply)
+                self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1
+                return reply
         return await self.forward(data, verdict, udp=udp)
 
     async def forward(self, data: bytes, question: Question, *, udp: bool) -> bytes:
@@ -218,7 +286,7 @@ class Resolver:
         self.stats.upstream_errors += 1
         self.stats.rcodes[wire.RCODE_SERVFAIL] = self.stats.rcodes.get(wire.RCODE_SERVFAIL, 0) + 1
         self.stats.servfails[ede] = self.stats.servfails.get(ede, 0) + 1
-        log.warning("SERVFAIL for %s: %s", wire.name_text(question.qname), reason)
+        self.failure_log.note(wire.name_text(question.qname), ede, reason)
         return wire.error_reply(
             question, wire.RCODE_SERVFAIL, payload=self.max_udp, ede=(ede, reason[:200])
         )

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from doqproxy.cache.policy import CacheSettings
+from doqproxy.frontend.admission import AccessSettings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.control import OpsSettings
+from doqproxy.routing.routes import RoutingSettings
 from doqproxy.upstream.pool import PoolSettings
 from doqproxy.upstream.selection import SelectionSettings
 from doqproxy.upstream.spec import UpstreamSpec
@@ -37,3 +39,6 @@ class ForwardSettings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
     """How queries are spread over the upstreams (strategy, hedging)."""
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    """Routes, local zones, bootstrap, pinned addresses and SPKI pins, fallback."""
+    access: AccessSettings = field(default_factory=AccessSettings)

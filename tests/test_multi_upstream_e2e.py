@@ -221,7 +221,8 @@ async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
     before = await scrape(metrics_port)
     fast = (("upstream", rig.paths[0].url),)
     assert before[("doqproxy_upstream_answers_total", fast)] >= 5
-    assert before[("doqproxy_upstream_queries_sent_total", fast)] >= 6
+    # the first query may have explored another upstream
+    assert before[("doqproxy_upstream_queries_sent_total", fast)] >= 5
     assert before[("doqproxy_upstream_state", (("state", "up"), *fast))] == 1
     assert before[("doqproxy_upstream_state", (("state", "backoff"), *fast))] == 0
     assert 0 < before[("doqproxy_upstream_srtt_seconds", fast)] < 1
@@ -235,7 +236,7 @@ async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
     assert elapsed < 2 + 1.0
     (ede,) = [o for o in reply.options if o.otype == dns.edns.EDE]
     ede = cast(dns.edns.EDEOption, ede)
-    assert ede.code == 22
+    assert ede.code == 22, proxy.stderr()[-2000:]
     text = ede.text or ""
     for path in rig.paths:
         assert f"127.0.0.1:{path.port}" in text, text

@@ -383,6 +383,23 @@ async def test_all_failed_is_ede_22_naming_each() -> None:
     assert fakes[2].cancelled == 1
 
 
+async def test_a_wait_ending_just_before_the_deadline_launches_nothing_more() -> None:
+    """Regression: asyncio.wait may return a hair before the group's clock reaches the
+    deadline; with every upstream already asked, that once raised IndexError (SERVFAIL
+    "internal error" instead of EDE 22)."""
+    fakes = [Fake("quic://one.example:853", never()), Fake("quic://two.example:853", never())]
+    group = group_of(*fakes, timeout=0.3, hedge_min=0.01, hedge_max=0.01)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    # From 0.1 s on, the group's clock lags the loop's timers by 50 ms.
+    group.clock = lambda: loop.time() - (0.05 if loop.time() > start + 0.1 else 0.0)
+    data, question = make_question()
+    with pytest.raises(UpstreamError) as caught:
+        await group.query(data, question)
+    assert caught.value.ede is Ede.NO_REACHABLE_AUTHORITY
+    assert str(caught.value).startswith("all 2 failed: ")
+
+
 async def test_servfail_asks_one_other_upstream() -> None:
     bad = Fake("quic://a:853", after(0.0, dns.rcode.SERVFAIL))
     good = Fake("quic://b:853", after(0.0))

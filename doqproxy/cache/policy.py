@@ -358,6 +358,14 @@ class AnswerCache:
         log.debug("answer not cached: %s", reason)
         return False
 
+    def drop_names(self, predicate: Callable[[bytes], bool]) -> int:
+        """Drop every entry whose name (lower-case wire form) ``predicate`` accepts,
+        e.g. the names of a route that changed on reload. Returns how many."""
+        doomed = [key for key, _ in self._store.items() if predicate(_key_name(key))]
+        for key in doomed:
+            self._store.pop(key)
+        return len(doomed)
+
     def clear(self) -> None:
         self._store.clear()
 
@@ -370,3 +378,11 @@ def make_cache(
 ) -> AnswerCache | None:
     """An :class:`AnswerCache`, or ``None`` when caching is turned off."""
     return AnswerCache(settings, clock=clock, max_udp=max_udp) if settings.enabled else None
+
+
+def _key_name(key: bytes) -> bytes:
+    """The name at the start of a cache key (uncompressed wire form)."""
+    pos = 0
+    while key[pos]:
+        pos += 1 + key[pos]
+    return key[: pos + 1]

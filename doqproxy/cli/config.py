@@ -85,6 +85,7 @@ def read_file(path: str, command: click.Command, ctx: click.Context) -> dict[str
     except UnicodeDecodeError as exc:  # found by fuzz/targets.py
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
     raw = _flatten_upstream(path, raw)
+    raw = _flatten_routes(path, raw)
     params = file_params(command)
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -113,15 +114,37 @@ def _flatten_upstream(path: str, raw: dict[str, Any]) -> dict[str, Any]:
     tables = raw.get("upstream")
     if not isinstance(tables, list) or not any(isinstance(t, dict) for t in tables):
         return raw
+    flat = {k: v for k, v in raw.items() if k != "upstream"}
     texts = []
     for number, table in enumerate(tables, 1):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: upstream mixes [[upstream]] tables and strings")
+        table = dict(table)
+        _per_host_keys(path, table, flat)
         try:
             texts.append(table_to_text(table))
         except ValueError as exc:
             raise ConfigError(f"{path}: [[upstream]] number {number}: {exc}") from None
-    return {**raw, "upstream": texts}
+    return {**flat, "upstream": texts}
+
+
+def _per_host_keys(path: str, table: dict[str, Any], flat: dict[str, Any]) -> None:
+    """``addresses`` and ``tls-pin-sha256`` in an ``[[upstream]]`` table become
+    ``upstream-address`` / ``tls-pin-sha256`` entries for the table's host."""
+    from doqproxy.cli.route_options import per_host_entries
+
+    for key, flat_key in (("addresses", "upstream-address"), ("tls-pin-sha256", "tls-pin-sha256")):
+        if key in table:
+            entry = per_host_entries(path, key, table.get("url"), table.pop(key))
+            existing = flat.get(flat_key, [])
+            flat[flat_key] = [*existing, entry] if isinstance(existing, list) else existing
+
+
+def _flatten_routes(path: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """``[[route]]`` tables become ``route`` entries (see cli/route_options.py)."""
+    from doqproxy.cli.route_options import flatten_route_tables
+
+    return flatten_route_tables(path, raw)
 
 
 def _suggest(key: str, params: dict[str, click.Option]) -> str:

@@ -11,12 +11,20 @@ import click
 
 from doqproxy import forwarder
 from doqproxy.cli import config
+from doqproxy.cli.access_options import access_options, access_settings, tcp_limits
 from doqproxy.cli.cache_options import cache_options, cache_settings
 from doqproxy.cli.pool_options import pool_options, pool_settings
+from doqproxy.cli.route_options import (
+    route_options,
+    routing_settings,
+    upstream_names,
+    with_stamp_addresses,
+)
 from doqproxy.cli.upstream_options import upstream_options, upstream_settings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import AddressError, parse_listen
 from doqproxy.net.sockets import ListenError
+from doqproxy.net.stamps import StampError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
 from doqproxy.ops.privileges import (
@@ -26,6 +34,8 @@ from doqproxy.ops.privileges import (
     warn_if_root,
 )
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.bootstrap import BootstrapError, check_no_loop
+from doqproxy.upstream.targets import Target
 from doqproxy.upstream.tickets import StateDirError, check_state_dir
 
 
@@ -107,6 +117,8 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
 )
 @pool_options
 @cache_options
+@route_options
+@access_options
 @click.option("-v", "--verbose", count=True, help="More logging; -vvv includes QUIC packets.")
 def forward(
     listen: tuple[str, ...],
@@ -134,9 +146,12 @@ def forward(
     """
     try:
         addresses = tuple(parse_listen(text) for text in listen)
-    except AddressError as exc:
+    except (AddressError, StampError) as exc:
         raise click.ClickException(str(exc)) from None
     upstreams, selection = upstream_settings(options, check_ca_file)
+    routing = routing_settings(options)
+    for spec in upstreams:  # a stamp carries the address to use
+        routing = with_stamp_addresses(routing, Target(spec.url, spec.addresses))
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
     try:
@@ -155,19 +170,32 @@ def forward(
         timeout=timeout,
         padding=not no_padding,
         max_udp_size=max_udp_size,
-        tcp=TcpLimits(
-            idle_timeout=tcp_idle_timeout,
-            message_timeout=tcp_message_timeout,
-            max_connections=tcp_max_connections,
-            max_connections_per_ip=tcp_max_connections_per_ip,
+        tcp=tcp_limits(
+            options,
+            TcpLimits(
+                idle_timeout=tcp_idle_timeout,
+                message_timeout=tcp_message_timeout,
+                max_connections=tcp_max_connections,
+                max_connections_per_ip=tcp_max_connections_per_ip,
+            ),
         ),
+        access=access_settings(options),
         ops=OpsSettings(
             metrics_listen=metrics_address, query_log=query_log, user=user, verbose=verbose
         ),
         cache=cache_settings(options),
+        routing=routing,
     )
     if config.deliver(settings):  # check-config or a reload: settings only
         return
+    try:
+        check_no_loop(
+            upstream_names(settings),
+            [(a.host, a.port) for a in settings.listen],
+            bootstrap=bool(settings.routing.bootstrap),
+        )
+    except BootstrapError as exc:
+        raise click.ClickException(str(exc)) from None
     process.setup_logging(verbose)
     try:
         sockets = systemd.listen_sockets() or forwarder.bind_all(settings)

@@ -13,9 +13,11 @@ import dns.message
 import dns.rcode
 
 from doqproxy.cli.forward import check_ca_file
-from doqproxy.net.addresses import AddressError, parse_upstream
+from doqproxy.net.addresses import AddressError, UpstreamUrl
+from doqproxy.net.stamps import StampError
 from doqproxy.ops import process
 from doqproxy.upstream.probe import ProbeError, ProbeResult, ProbeSettings, probe
+from doqproxy.upstream.targets import parse_target
 
 
 @click.command()
@@ -25,8 +27,8 @@ from doqproxy.upstream.probe import ProbeError, ProbeResult, ProbeSettings, prob
     "-u",
     "--upstream",
     required=True,
-    metavar="quic://HOST[:PORT]",
-    help="The DoQ server; the port defaults to 853.",
+    metavar="quic://HOST[:PORT]|sdns://...",
+    help="The DoQ server; the port defaults to 853. A DNS stamp (sdns://) works too.",
 )
 @click.option("--tls-ca-file", metavar="PATH", help="Trust these CAs instead of the system store.")
 @click.option("--tls-server-name", metavar="NAME", help="Name to verify in the certificate.")
@@ -81,9 +83,13 @@ def query(
     if zero_rtt and state_dir is None:
         raise click.UsageError("--0rtt needs --state-dir, where the session tickets are kept")
     try:
-        url = parse_upstream(upstream, ("quic",))
-    except AddressError as exc:
+        target = parse_target(upstream, ("quic",))
+    except (AddressError, StampError) as exc:
         raise click.ClickException(str(exc)) from None
+    url = target.url
+    if target.addresses:  # a stamp: connect to its address, verify its host name
+        tls_server_name = tls_server_name or url.host
+        url = UpstreamUrl(url.scheme, target.addresses[0], url.port)
     if tls_ca_file is not None:
         check_ca_file(tls_ca_file)
     settings = ProbeSettings(

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from doqproxy.net.addresses import AddressError
+from doqproxy.net.stamps import StampError
 from doqproxy.upstream.selection import SelectionSettings, Strategy
 from doqproxy.upstream.spec import UpstreamSpec, parse_spec
 
@@ -90,7 +91,7 @@ def upstream_settings(
     for text in params["upstream"]:
         try:
             spec = parse_spec(text)
-        except AddressError as exc:
+        except (AddressError, StampError) as exc:
             raise click.ClickException(str(exc)) from None
         key = str(spec.url)
         if key in seen:

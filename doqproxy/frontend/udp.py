@@ -1,11 +1,18 @@
-"""The plain DNS over UDP front end: hands each datagram to the resolver."""
+"""The plain DNS over UDP front end: hands each datagram to the resolver.
+
+Every datagram passes :class:`~doqproxy.frontend.admission.Admission` first
+(reflection guard, access list, rate limit, snooping rule, minimal ANY), and
+every reply passes it on the way out (error-reply budget, EDE text).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, cast
 
+from doqproxy.frontend.admission import Admission, Client
 from doqproxy.frontend.inflight import InFlight
 from doqproxy.resolver import Resolver
 
@@ -15,9 +22,10 @@ log = logging.getLogger(__name__)
 class UdpFrontEnd(asyncio.DatagramProtocol):
     """Answers DNS over UDP; replies are truncated to the client's payload size."""
 
-    def __init__(self, resolver: Resolver, inflight: InFlight) -> None:
+    def __init__(self, resolver: Resolver, inflight: InFlight, admission: Admission) -> None:
         self.resolver = resolver
         self.inflight = inflight
+        self.admission = admission
         self.accepting = True
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -27,18 +35,32 @@ class UdpFrontEnd(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if not self.accepting:
             return
+        admission = self.admission
+        now = time.monotonic()
+        verdict = admission.udp_query(data, addr[0], addr[1], now)
+        if verdict is not None:
+            if verdict and self.transport is not None:
+                self.transport.sendto(verdict, addr)
+            return
+        client = admission.client(addr[0])
         # A cache hit is answered right here, without the cost of a task.
         reply = self.resolver.cached_reply(data, udp=True, client=addr)
-        if reply is not None:
-            if self.transport is not None:
-                self.transport.sendto(reply, addr)
-            return
-        self.inflight.spawn(self._answer(data, addr))
+        if reply is None:
+            reply = admission.overloaded(data, len(self.inflight))
+            if reply is None:
+                self.inflight.spawn(self._answer(data, addr, client))
+                return
+        reply = admission.udp_reply(reply, client, now)
+        if reply and self.transport is not None:
+            self.transport.sendto(reply, addr)
 
-    async def _answer(self, data: bytes, addr: Any) -> None:
+    async def _answer(self, data: bytes, addr: Any, client: Client) -> None:
         reply = await self.resolver.resolve(data, udp=True, client=addr)
         transport = self.transport
-        if reply is not None and transport is not None and not transport.is_closing():
+        if reply is None or transport is None or transport.is_closing():
+            return
+        reply = self.admission.udp_reply(reply, client, time.monotonic())
+        if reply:
             transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-SCHEME_PORTS = {"quic": 853, "udp": 53, "tcp": 53}
+SCHEME_PORTS = {"quic": 853, "udp": 53, "tcp": 53, "tls": 853}
 
 
 class AddressError(ValueError):

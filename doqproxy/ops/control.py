@@ -9,13 +9,16 @@ calls it at start, on reload and at shutdown; each feature is inert when off.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from doqproxy.frontend.admission import Admission
 from doqproxy.frontend.inflight import InFlight
+from doqproxy.frontend.tcp import TcpStats
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import (
     LatencyHistogram,
@@ -46,6 +49,14 @@ class OpsSettings:
     verbose: int = 0
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an IP literal) is a loopback address; a wildcard is not."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def log_level(verbose: int) -> int:
     return logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
 
@@ -62,6 +73,10 @@ class Operations:
         self.upstream: UpstreamGroup | None = None
         self.inflight: InFlight | None = None
         self.on_reload: Callable[[], object] | None = None
+        self.admission: Admission | None = None
+        self.tcp_stats: TcpStats | None = None
+        self.fallbacks: Callable[[], list[Any]] = list
+        """The routes' fallback wrappers, for metrics (set by the forwarder)."""
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics_address: tuple[str, int] | None = None
@@ -109,10 +124,19 @@ class Operations:
             latency=lambda: self.latency,
             observations=self.observations,
             in_flight=lambda: len(self.inflight) if self.inflight is not None else 0,
+            fallbacks=lambda: self.fallbacks(),
+            admission=lambda: self.admission.stats if self.admission is not None else None,
+            tcp=lambda: self.tcp_stats,
         )
         self._metrics = MetricsServer(address, ForwardCollector(sources))
         self.metrics_address = self._metrics.start()
         log.info("metrics on http://%s:%d/metrics", *self.metrics_address)
+        if not is_loopback_host(self.metrics_address[0]):
+            log.warning(
+                "metrics on http://%s:%d/metrics are reachable from other hosts and have "
+                "no authentication; prefer a loopback address or a firewall",
+                *self.metrics_address,
+            )
 
     def summary(self) -> str:
         """One line of live counts, for STATUS= and SIGUSR1."""

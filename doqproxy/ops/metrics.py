@@ -10,7 +10,6 @@ and copies dicts, both atomic under the GIL.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,8 +28,11 @@ from prometheus_client.registry import Collector
 from doqproxy import __version__
 from doqproxy.cache.policy import AnswerCache
 from doqproxy.doq.server_rules import DoqServerStats
+from doqproxy.frontend.admission import AdmissionStats
+from doqproxy.frontend.tcp import TcpStats
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
+from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
 from doqproxy.upstream import doq_connection
 from doqproxy.upstream.group import Member, UpstreamGroup
@@ -57,6 +59,10 @@ class Sources:
     latency: Callable[[], dict[str, LatencyHistogram]]
     observations: Observations
     in_flight: Callable[[], int]
+    fallbacks: Callable[[], list[Any]] = list
+    """The routes' :class:`~doqproxy.upstream.fallback.FallbackUpstream` wrappers."""
+    admission: Callable[[], AdmissionStats | None] = lambda: None
+    tcp: Callable[[], TcpStats | None] = lambda: None
 
 
 def counters(
@@ -67,15 +73,6 @@ def counters(
         metric = CounterMetricFamily(f"{prefix}_{name}", text, labels=[label[0]] if label else None)
         metric.add_metric([label[1]] if label else [], value)
         yield metric
-
-
-def event_loop_name() -> str:
-    """``uvloop`` or ``asyncio``: the event loop running in the calling thread."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "none"
-    return "uvloop" if type(loop).__module__.partition(".")[0] == "uvloop" else "asyncio"
 
 
 def quic_engine() -> str:
@@ -122,9 +119,68 @@ class ForwardCollector(Collector):
             if isinstance(member.upstream, DoqUpstream):
                 yield from self._pool(member.upstream)
         yield from self._latency()
+        yield from self._fallbacks()
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
         in_flight.add_metric([], self.sources.in_flight())
         yield in_flight
+        yield from self._admission()
+
+    def _admission(self) -> Iterator[Metric]:
+        stats = self.sources.admission()
+        if stats is not None:
+            refused = CounterMetricFamily(
+                "doqproxy_refused",
+                "Queries not forwarded: outside --allow (acl), RD=0 from off-host (snoop), "
+                "over --ratelimit, from a reflection port, or beyond --max-in-flight.",
+                labels=["reason"],
+            )
+            for reason, count in dict(stats.refused).items():
+                refused.add_metric([reason], count)
+            yield refused
+            limited = CounterMetricFamily(
+                "doqproxy_ratelimited",
+                "UDP queries and error replies over the rate limit: dropped, or slipped (TC=1).",
+                labels=["action"],
+            )
+            for action, count in dict(stats.ratelimited).items():
+                limited.add_metric([action], count)
+            yield limited
+            yield from counters(
+                "doqproxy",
+                (("any_minimal", stats.any_minimal, "ANY over UDP answered per RFC 8482."),),
+            )
+        tcp = self.sources.tcp()
+        if tcp is not None:
+            yield from counters(
+                "doqproxy_tcp_connections",
+                (
+                    ("refused", tcp.refused, "TCP connections refused: no slot free."),
+                    ("evicted", tcp.evicted, "Idle TCP connections closed to make room."),
+                    ("shed", tcp.shed, "TCP connections closed over the write budget."),
+                    ("aged", tcp.aged, "TCP connections closed at the maximum age."),
+                ),
+            )
+
+    def _fallbacks(self) -> Iterator[Metric]:
+        wrappers = self.sources.fallbacks()
+        if not wrappers:
+            return
+        active = GaugeMetricFamily(
+            "doqproxy_fallback_active",
+            "1 while a route's traffic goes to its --fallback upstreams.",
+            labels=["route"],
+        )
+        switches = CounterMetricFamily(
+            "doqproxy_fallback_switches",
+            "Switches between a route's DoQ upstreams and its fallback.",
+            labels=["route", "direction"],
+        )
+        for wrapper in wrappers:
+            active.add_metric([wrapper.route], 1 if wrapper.active else 0)
+            for direction, count in wrapper.switches.items():
+                switches.add_metric([wrapper.route, direction], count)
+        yield active
+        yield switches
 
     def _queries(self) -> Iterator[Metric]:
         stats = self.sources.resolver().stats

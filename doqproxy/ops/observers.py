@@ -13,6 +13,7 @@ import bisect
 import datetime
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -108,8 +109,21 @@ def raw_qtype(data: bytes) -> int:
     return -1 if found is None else found[1]
 
 
+_LABELLED_QTYPES = frozenset(
+    {1, 2, 5, 6, 12, 15, 16, 28, 33, 35, 39, 43, 46, 47, 48, 50, 52, 64, 65, 99, 255, 251, 252, 257}
+)
+"""A, NS, CNAME, SOA, PTR, MX, TXT, AAAA, SRV, NAPTR, DNAME, DS, RRSIG, NSEC, DNSKEY, NSEC3,
+TLSA, SVCB, HTTPS, SPF, ANY, IXFR, AXFR, CAA: the ``qtype`` label takes these, "other" or "NONE"."""
+
+
+_OTHER_QTYPE = 65536
+
+
 def qtype_label(qtype: int) -> str:
-    return "NONE" if qtype < 0 else _qtype_text(qtype)
+    """A fixed set of labels, so clients cannot create 65,536 time series."""
+    if qtype < 0:
+        return "NONE"
+    return _qtype_text(qtype) if qtype in _LABELLED_QTYPES else "other"
 
 
 def rcode_label(rcode: int) -> str:
@@ -139,7 +153,9 @@ class QueryLog:
     def _open(self) -> IO[str]:
         if self.target == "-":
             return sys.stdout
-        return open(self.target, "a", buffering=65536, encoding="utf-8")
+        # 0640: the log holds client addresses and the names they asked for.
+        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        return open(fd, "a", buffering=65536, encoding="utf-8")
 
     def reopen(self) -> None:
         """For log rotation (SIGHUP): close and open the path again."""
@@ -233,7 +249,10 @@ class ObservedResolver:
     ) -> None:
         observations = self.observations
         if observations.count:
-            key = (udp, raw_qtype(data), reply[3] & 0x0F if reply and len(reply) > 3 else -1)
+            qcode = raw_qtype(data)
+            if qcode >= 0 and qcode not in _LABELLED_QTYPES:
+                qcode = _OTHER_QTYPE  # keeps the table as small as the label set
+            key = (udp, qcode, reply[3] & 0x0F if reply and len(reply) > 3 else -1)
             answers = observations.answers
             answers[key] = answers.get(key, 0) + 1
         query_log = observations.query_log

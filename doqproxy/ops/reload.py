@@ -18,6 +18,7 @@ from collections.abc import Callable
 from doqproxy.ops.control import Operations
 from doqproxy.resolver import Resolver
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.group import UpstreamGroup, close_later
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ _UPSTREAM_FIELDS = (
 )
 
 
+def _lookup_inputs(settings: ForwardSettings) -> tuple[object, ...]:
+    """What the default upstream's address lookup and pinning depend on."""
+    routing = settings.routing
+    return routing.bootstrap, routing.addresses, routing.pins
+
+
 class Reloader:
     """The SIGHUP handler's body: ``load()`` gives the new settings or raises with a
     message fit for the log."""
@@ -44,7 +51,11 @@ class Reloader:
         make_upstream: Callable[[ForwardSettings, UpstreamGroup | None], UpstreamGroup],
         ops: Operations,
         resolver: Resolver,
+        *,
+        route: Callable[[ForwardSettings, Upstream], Upstream] | None = None,
     ) -> None:
+        self.route = route
+        """Wraps the default upstream in the routes (forwarder.Routes.apply)."""
         self.settings = settings
         self.load = load
         self.make_upstream = make_upstream
@@ -59,7 +70,9 @@ class Reloader:
         try:
             new = self.load()
             upstream = None
-            if any(getattr(new, name) != getattr(old, name) for name in _UPSTREAM_FIELDS):
+            if any(getattr(new, name) != getattr(old, name) for name in _UPSTREAM_FIELDS) or (
+                _lookup_inputs(new) != _lookup_inputs(old)
+            ):
                 upstream = self.make_upstream(new, self.ops.upstream)
         except Exception as exc:  # whatever the loader raises, the old config stays
             log.error("reload failed, keeping the old configuration: %s", exc)
@@ -76,7 +89,7 @@ class Reloader:
         if upstream is not None:
             previous = self.ops.upstream
             self.ops.upstream = upstream
-            self.resolver.upstream = upstream
+            self.resolver.upstream = self.route(new, upstream) if self.route else upstream
             if previous is not None:
                 previous.detach()
                 gone = [m for m in previous.members if m not in upstream.members]
@@ -88,6 +101,8 @@ class Reloader:
                 ", ".join(m.name for m in upstream.members),
                 new.selection.strategy,
             )
+        elif new.routing != old.routing and self.route is not None and self.ops.upstream:
+            self.resolver.upstream = self.route(new, self.ops.upstream)
         self.resolver.timeout = new.timeout
         self.resolver.max_udp = new.max_udp_size
         if cache is not None:

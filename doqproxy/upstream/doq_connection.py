@@ -28,6 +28,7 @@ from aioquic.tls import Epoch, SessionTicket
 from doqproxy.dns.ede import Ede
 from doqproxy.doq import framing
 from doqproxy.upstream.base import UpstreamError
+from doqproxy.upstream.pins import PinMismatch, check_pin
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ class DoqConnection:
         """Seconds from the first flight to a completed handshake before giving up
         (an upstream that drops our packets without an ICMP error)."""
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self.pins: tuple[str, ...] = ()
+        """Accepted SPKI SHA-256 pins (base64); empty means no pinning."""
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, tuple[framing.StreamReader, asyncio.Future[bytes]]] = {}
         self._ticket_handler = ticket_handler
@@ -477,6 +480,17 @@ class DoqConnection:
                 future.set_result(message)
 
     def _on_handshake(self, event: events.HandshakeCompleted) -> None:
+        if self.pins and not event.session_resumed:
+            # A resumed session carries no certificate; its ticket came from a
+            # connection that passed this check.
+            try:
+                server = self.configuration.server_name or self.address[0]
+                check_pin(server, self.quic.tls._peer_certificate, self.pins)
+            except PinMismatch as exc:
+                if self._protocol is not None:
+                    self._protocol.close(error_code=0x2, reason_phrase="pin mismatch")
+                self._fail(exc)
+                return
         info = self.info
         info.handshake_at = time.monotonic()
         info.alpn = event.alpn_protocol

@@ -258,7 +258,8 @@ class UpstreamGroup:
                 if not done:
                     if self.clock() >= deadline:
                         break
-                    launch(hedge=True)
+                    if can_launch:  # else the wait ended a hair before the deadline
+                        launch(hedge=True)
                     continue
                 for task in done:
                     attempt = running.pop(task)

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aioquic.quic.configuration import QuicConfiguration
@@ -30,7 +30,7 @@ from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
 from doqproxy.doq import framing
 from doqproxy.net.addresses import UpstreamUrl
-from doqproxy.upstream import pool_policy
+from doqproxy.upstream import bootstrap, pool_policy
 from doqproxy.upstream.base import UpstreamError
 from doqproxy.upstream.doq_connection import ConnectionLost, DoqConnection
 from doqproxy.upstream.tickets import TicketFile, upstream_key
@@ -93,8 +93,21 @@ class DoqUpstream:
         settings: PoolSettings = PoolSettings(),
         *,
         tickets: TicketFile | None = None,
+        resolve: Callable[[str, int], Awaitable[list[tuple[str, int]]]] | None = None,
+        forget: Callable[[str], None] | None = None,
+        pins: tuple[str, ...] = (),
     ) -> None:
         self.url = url
+        self.resolver = resolve
+        """Bootstrap lookup (upstream/bootstrap.py); ``None`` uses the system resolver."""
+        self.forget = forget
+        """Called with the host name after a failed handshake: look it up again."""
+        self.pins = pins
+        self._candidates: list[tuple[str, int]] = []
+        self._preferred: tuple[str, int] | None = None
+        """The address whose handshake last succeeded; new connections go there."""
+        self._failed_at: dict[tuple[str, int], float] = {}
+        self._rescue: asyncio.Task[None] | None = None
         self.name = str(url)
         self.settings = settings
         self.pad_block = settings.pad_block
@@ -102,6 +115,10 @@ class DoqUpstream:
         self.tickets = tickets if tickets is not None else TicketFile(None)
         self._configuration = dataclasses.replace(configuration, idle_timeout=settings.idle_timeout)
         self._key = upstream_key(configuration.server_name or url.host, url.host, url.port)
+        if pins:
+            # A resumed session shows no certificate: only sessions that passed
+            # these very pins may be resumed.
+            self._key += " pins=" + ",".join(sorted(pins))
         self._connections: list[DoqConnection] = []
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._backoff = pool_policy.Backoff()
@@ -122,7 +139,12 @@ class DoqUpstream:
             try:
                 return await conn.query(message, early=early)
             except ConnectionLost as exc:
-                if attempt or (conn.info.handshake_at is None and not conn.info.early_data_sent):
+                if self._rescue is not None and conn.info.handshake_at is None:
+                    # Another address is being tried (Happy Eyeballs): use it.
+                    await asyncio.wait({self._rescue}, timeout=self.settings.handshake_timeout)
+                elif attempt or (conn.info.handshake_at is None and not conn.info.early_data_sent):
+                    raise UpstreamError(str(exc), exc.ede) from None
+                if attempt:
                     raise UpstreamError(str(exc), exc.ede) from None
                 self.stats.retries += 1
                 log.debug("%s: retrying a query after: %s", self.name, exc)
@@ -223,21 +245,36 @@ class DoqUpstream:
         if self._preparing is not None:
             # A first flight is being prepared right now: it holds the ticket, use it.
             await asyncio.wait({self._preparing})
-        conn = self._take_prepared() or await self._build()
+        conn = self._take_prepared()
+        if conn is None:
+            address = await self._resolve()
+            racing = len(self._candidates) > 1 and self._preferred is None
+            if racing and not self.tickets.count(self._key):
+                # No 0-RTT possible: the query waits for a handshake anyway.
+                conn = await self._race(self._usable_candidates())
+            else:
+                conn = await self._build(address)
+        self._register(conn)
+        if self._preferred is None and len(self._candidates) > 1 and not conn.handshake_complete:
+            self._rescue = asyncio.ensure_future(self._eyeballs(conn))
+            self._rescue.add_done_callback(self._rescued)
+        return conn
+
+    def _register(self, conn: DoqConnection) -> None:
         conn.restart_idle_timer()
         self.stats.connections_opened += 1
         self._connections.append(conn)
         conn.handshake_done.add_done_callback(lambda _: self._on_handshake(conn))
         self._start_maintenance()
         log.debug(
-            "%s: opening connection %d (ticket: %s)",
-            self.name, self.stats.connections_opened, conn.resumable,
+            "%s: opening connection %d to %s (ticket: %s)",
+            self.name, self.stats.connections_opened, conn.address[0], conn.resumable,
         )  # fmt: skip
-        return conn
 
-    async def _build(self) -> DoqConnection:
+    async def _build(self, address: tuple[str, int] | None = None) -> DoqConnection:
         """A connection with its first flight built but not sent (see :meth:`prepare`)."""
-        address = await self._resolve()
+        if address is None:
+            address = await self._resolve()
         configuration = dataclasses.replace(self._configuration)
         configuration.session_ticket = self.tickets.take(self._key)
         configuration.token = self.tickets.token(self._key)
@@ -251,6 +288,7 @@ class DoqUpstream:
         )
         conn.dead_after = self.settings.dead_after
         conn.handshake_timeout = self.settings.handshake_timeout
+        conn.pins = self.pins
         try:
             await conn.open()
         except OSError as exc:  # network down, no IPv6 route, ...
@@ -259,6 +297,78 @@ class DoqUpstream:
             self._backoff.failed(time.monotonic())
             self._last_error = f"cannot open a socket to {address[0]}: {exc.strerror or exc}"
             raise UpstreamError(self._last_error, Ede.NETWORK_ERROR) from None
+        return conn
+
+    # --- Happy Eyeballs (RFC 8305) ----------------------------------------------
+
+    def _usable_candidates(self) -> list[tuple[str, int]]:
+        """Candidates, those that failed within the backoff cap last."""
+        recent = time.monotonic() - self._backoff.cap
+        fresh = [a for a in self._candidates if self._failed_at.get(a, 0.0) < recent]
+        return fresh + [a for a in self._candidates if a not in fresh]
+
+    async def _eyeballs(self, first: DoqConnection) -> None:
+        """``first`` (sent with 0-RTT to the first candidate) races the other
+        addresses from ATTEMPT_DELAY on; if another completes its handshake first,
+        it joins the pool and ``first`` is closed (its queries are retried)."""
+        others = [a for a in self._usable_candidates() if a != first.address]
+
+        async def attempt(address: tuple[str, int]) -> DoqConnection:
+            if address == first.address:
+                await asyncio.shield(first.handshake_done)
+                return first
+            conn = await self._build(address)
+            try:
+                conn.flush()
+                await asyncio.shield(conn.handshake_done)
+            except BaseException:
+                conn.close(framing.DoqError.NO_ERROR, "another address answered first")
+                raise
+            return conn
+
+        try:
+            _, winner = await bootstrap.happy_eyeballs([first.address, *others], attempt)
+        except (UpstreamError, OSError):
+            return
+        if winner is not first:
+            assert isinstance(winner, DoqConnection)
+            self._register(winner)
+            if not first.handshake_complete:
+                first.close(framing.DoqError.NO_ERROR, "another address answered first")
+
+    def _rescued(self, task: asyncio.Task[None]) -> None:
+        if self._rescue is task:
+            self._rescue = None
+
+    async def _race(self, addresses: list[tuple[str, int]]) -> DoqConnection:
+        """Handshake with the addresses (IPv6 first), each attempt starting
+        ATTEMPT_DELAY after the previous one or as soon as it failed; the first
+        completed handshake wins and the others are closed. Only done while no
+        address is known to work, so that 0-RTT otherwise goes straight out."""
+
+        async def attempt(address: tuple[str, int]) -> DoqConnection:
+            conn = await self._build(address)
+            try:
+                conn.flush()
+                await asyncio.shield(conn.handshake_done)
+            except BaseException:
+                # Closing (or having failed) calls _forget through on_dead.
+                conn.close(framing.DoqError.NO_ERROR, "another address answered first")
+                raise
+            return conn
+
+        try:
+            winner, conn = await bootstrap.happy_eyeballs(addresses, attempt)
+        except UpstreamError as exc:
+            self._backoff.failed(time.monotonic())
+            self._last_error = f"no address of {self.url.host} answered: {exc}"
+            raise UpstreamError(self._last_error, exc.ede) from None
+        except OSError as exc:
+            self._backoff.failed(time.monotonic())
+            self._last_error = f"no address of {self.url.host} answered: {exc.strerror or exc}"
+            raise UpstreamError(self._last_error, Ede.NETWORK_ERROR) from None
+        assert isinstance(conn, DoqConnection)
+        log.debug("%s: %s answered first", self.name, winner[0])
         return conn
 
     # --- a prepared first flight -------------------------------------------------
@@ -327,6 +437,17 @@ class DoqUpstream:
         host, port = self.url.host, self.url.port
         if self.url.is_ip:
             return host, port
+        if self.resolver is not None:
+            try:
+                addresses = await self.resolver(host, port)
+            except UpstreamError as exc:
+                self._backoff.failed(time.monotonic())
+                self._last_error = str(exc)
+                raise UpstreamError(self._last_error, Ede.NO_REACHABLE_AUTHORITY) from None
+            self._candidates = addresses
+            if self._preferred in addresses:
+                return self._preferred
+            return self._usable_candidates()[0]
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -340,6 +461,11 @@ class DoqUpstream:
     def _on_handshake(self, conn: DoqConnection) -> None:
         info = conn.info
         if conn.handshake_done.cancelled() or conn.handshake_done.exception() is not None:
+            if self._preferred == conn.address:
+                self._preferred = None
+            if self.forget is not None:
+                self.forget(self.url.host)
+            self._failed_at[conn.address] = time.monotonic()
             self.stats.connect_failures += 1
             self._backoff.failed(time.monotonic())
             failure = None if conn.handshake_done.cancelled() else conn.handshake_done.exception()
@@ -347,6 +473,8 @@ class DoqUpstream:
             return
         self._backoff.succeeded()
         self._on_credit(conn)  # the peer's real stream limit is known now
+        self._preferred = conn.address
+        self._failed_at.pop(conn.address, None)
         stats = self.stats
         stats.handshakes += 1
         stats.sessions_resumed += bool(info.session_resumed)

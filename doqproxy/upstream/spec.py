@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
-from doqproxy.net.addresses import AddressError, UpstreamUrl, parse_upstream
+from doqproxy.net.addresses import AddressError, UpstreamUrl
+from doqproxy.upstream.targets import parse_target
 
 OPTION_KEYS = ("tls-server-name", "tls-ca-file")
 """Per-upstream keys, in ``[[upstream]]`` tables and in a URL's query string."""
@@ -25,6 +26,10 @@ class UpstreamSpec:
     url: UpstreamUrl
     tls_server_name: str | None = None
     tls_ca_file: str | None = None
+    addresses: tuple[str, ...] = ()
+    """Addresses a DNS stamp carries, used instead of looking the name up."""
+    text: str = ""
+    """As the user gave it (a stamp stays a stamp in logs and check-config)."""
 
     def __str__(self) -> str:
         options = {
@@ -40,9 +45,11 @@ class UpstreamSpec:
 
 
 def parse_spec(text: str, schemes: tuple[str, ...] = ("quic",)) -> UpstreamSpec:
-    """Parse ``SCHEME://HOST[:PORT][?key=value&...]`` (raises AddressError)."""
+    """Parse ``SCHEME://HOST[:PORT][?key=value&...]`` or a DNS stamp ``sdns://...``
+    (raises AddressError or StampError, one line each)."""
     base, _, query = text.partition("?")
-    url = parse_upstream(base, schemes)
+    target = parse_target(base, schemes)
+    url = target.url
     options: dict[str, str] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -58,7 +65,11 @@ def parse_spec(text: str, schemes: tuple[str, ...] = ("quic",)) -> UpstreamSpec:
             raise AddressError(f"upstream {text!r}: {key} is empty")
         options[key] = value
     return UpstreamSpec(
-        url, tls_server_name=options.get("tls-server-name"), tls_ca_file=options.get("tls-ca-file")
+        url,
+        tls_server_name=options.get("tls-server-name"),
+        tls_ca_file=options.get("tls-ca-file"),
+        addresses=target.addresses,
+        text=text,
     )
 
 
