@@ -1,0 +1,50 @@
+"""Review findings in the upstream side: each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import dns.message
+
+from doqproxy.dns import wire
+from doqproxy.net.addresses import parse_upstream
+from doqproxy.upstream.base import UpstreamError
+from doqproxy.upstream.plain import PlainUpstream
+
+
+def make(name: str) -> tuple[bytes, wire.Question]:
+    message = dns.message.make_query(name, "A")
+    message.id = 0
+    data = message.to_wire()
+    return data, wire.parse_question(data)
+
+
+def closed_udp_port() -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_plain_upstream_does_not_leak_a_socket_per_refused_query() -> None:
+    """A backend that is down (ICMP port unreachable) dropped the shared socket from
+    its slot without closing it: one file descriptor leaked per failed query."""
+    upstream = PlainUpstream(parse_upstream(f"udp://127.0.0.1:{closed_udp_port()}", ("udp",)))
+    data, question = make("down.example.")
+    before = open_fds()
+    failures = 0
+    for _ in range(60):
+        try:
+            await asyncio.wait_for(upstream.query(data, question), 5)
+        except UpstreamError:
+            failures += 1
+    await upstream.aclose()
+    assert failures == 60
+    assert open_fds() - before <= 2
