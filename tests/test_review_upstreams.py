@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
+import time
+from pathlib import Path
 
 import dns.message
 
 from doqproxy.dns import wire
 from doqproxy.net.addresses import parse_upstream
 from doqproxy.upstream.base import UpstreamError
+from doqproxy.upstream.health import Health, State
+from doqproxy.upstream.health_file import HealthFile
 from doqproxy.upstream.plain import PlainUpstream
 
 
@@ -48,3 +53,24 @@ async def test_plain_upstream_does_not_leak_a_socket_per_refused_query() -> None
     await upstream.aclose()
     assert failures == 60
     assert open_fds() - before <= 2
+
+
+def write_state(directory: Path, record: str) -> None:
+    directory.mkdir(mode=0o700, exist_ok=True)
+    body = '{"version": 1, "saved": %f, "upstreams": {"quic://a:853": %s}}'
+    (directory / "upstreams.json").write_text(body % (time.time(), record))
+
+
+def test_health_file_with_out_of_range_numbers_is_ignored(tmp_path: Path) -> None:
+    """JSON allows 1e400 (infinity) and 400-digit integers; int()/float() of them
+    raise OverflowError, which escaped restore() and stopped start-up."""
+    for record in (
+        '{"state": "backoff", "backoffs": 1e400, "saved": 1}',
+        '{"state": "backoff", "retry_in": %s, "saved": 1}' % ("9" * 400),
+        '{"state": "backoff", "saved": %s}' % ("9" * 400),
+    ):
+        write_state(tmp_path / "state", record)
+        health = Health()
+        HealthFile(tmp_path / "state").restore("quic://a:853", health, time.monotonic())
+        assert health.state is State.UP
+        assert json.loads((tmp_path / "state" / "upstreams.json").read_text())
