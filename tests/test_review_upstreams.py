@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import dns.message
+import pytest
 
 from doqproxy.dns import wire
 from doqproxy.net.addresses import parse_upstream
 from doqproxy.upstream.base import UpstreamError
+from doqproxy.upstream.bootstrap import Bootstrap
 from doqproxy.upstream.health import Health, State
 from doqproxy.upstream.health_file import HealthFile
 from doqproxy.upstream.plain import PlainUpstream
@@ -74,3 +76,36 @@ def test_health_file_with_out_of_range_numbers_is_ignored(tmp_path: Path) -> Non
         HealthFile(tmp_path / "state").restore("quic://a:853", health, time.monotonic())
         assert health.state is State.UP
         assert json.loads((tmp_path / "state" / "upstreams.json").read_text())
+
+
+class GarbledBootstrap(asyncio.DatagramProtocol):
+    """Answers with the right ID and question, then one answer record cut short."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        reply = dns.message.make_response(dns.message.from_wire(data)).to_wire()
+        reply = reply[:6] + b"\x00\x01" + reply[8:]  # ANCOUNT 1 ...
+        reply += b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x01"  # ... RDATA cut
+        self.transport.sendto(reply, addr)
+
+
+async def test_bootstrap_with_a_malformed_answer_is_an_upstream_error() -> None:
+    """A garbled bootstrap answer raised dnspython's FormError out of resolve(): the
+    query ended as SERVFAIL 'internal error' with a traceback in the log."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        GarbledBootstrap, local_addr=("127.0.0.1", 0)
+    )
+    port = transport.get_extra_info("sockname")[1]
+    try:
+        bootstrap = Bootstrap([f"127.0.0.1:{port}"], timeout=2.0)
+        with pytest.raises(UpstreamError, match=r"cannot resolve dns\.example"):
+            await bootstrap.resolve("dns.example", 853)
+    finally:
+        transport.close()

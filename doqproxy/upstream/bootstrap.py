@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
+import dns.exception
 import dns.message
 import dns.rdatatype
 
@@ -109,6 +110,9 @@ class Bootstrap:
                     )
             except (TimeoutError, UpstreamError) as exc:
                 errors.append(f"{server.name}: {exc or 'timeout'}")
+                continue
+            except dns.exception.DNSException as exc:  # a malformed answer
+                errors.append(f"{server.name}: bad answer ({exc})")
                 continue
             addresses = [a for found, _ in results for a in found]
             ttls = [ttl for found, ttl in results if found]
