@@ -1,0 +1,58 @@
+"""Review findings in routes, local zones and their reload: each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import dns.message
+
+from doqproxy.dns import wire
+from doqproxy.forwarder import Routes
+from doqproxy.net.addresses import HostPort, parse_upstream
+from doqproxy.resolver import Resolver
+from doqproxy.routing.routes import RouteSpec, RoutingSettings
+from doqproxy.settings import ForwardSettings
+from doqproxy.upstream.plain import PlainUpstream
+from doqproxy.upstream.spec import parse_spec
+
+
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = dns.message.make_response(dns.message.from_wire(data))
+        self.transport.sendto(reply.to_wire(), addr)
+
+
+async def test_reload_closes_the_upstream_of_a_route_that_is_gone() -> None:
+    """A reload that keeps the bootstrap, pins and TLS settings copied every upstream
+    the old routes made into the new builder, so one no route uses any more was
+    never closed: its sockets (a DoQ pool: connections and upkeep) lived forever."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    route = RouteSpec(("corp.test.",), (f"udp://127.0.0.1:{port}",))
+    settings = ForwardSettings(
+        listen=(HostPort("127.0.0.1", 53),),
+        upstreams=(parse_spec("quic://127.0.0.1:853"),),
+        timeout=0.2,
+        routing=RoutingSettings(routes=(route,)),
+    )
+    default = PlainUpstream(parse_upstream("udp://127.0.0.1:9", ("udp",)))
+    routes = Routes(Resolver(default), tickets=None)  # type: ignore[arg-type]
+    try:
+        routed = routes.apply(settings, default)
+        data = dns.message.make_query("a.corp.test", "A").to_wire()
+        await routed.query(wire.set_id(data, 0), wire.parse_question(data))
+        assert routes.builder is not None
+        (plain,) = routes.builder.made.values()
+        assert isinstance(plain, PlainUpstream) and plain.open_sockets == 1
+        routes.apply(dataclasses.replace(settings, routing=RoutingSettings()), default)
+        await asyncio.sleep(1.0)  # the grace is the query timeout, 0.2 s
+        assert plain.open_sockets == 0
+        assert not routes.builder.made
+    finally:
+        await routes.aclose()
+        transport.close()
