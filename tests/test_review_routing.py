@@ -6,11 +6,14 @@ import asyncio
 import dataclasses
 
 import dns.message
+import dns.rcode
+import dns.rdatatype
 
 from doqproxy.dns import wire
 from doqproxy.forwarder import Routes
 from doqproxy.net.addresses import HostPort, parse_upstream
 from doqproxy.resolver import Resolver
+from doqproxy.routing.local_zones import LocalZones
 from doqproxy.routing.routes import RouteSpec, RoutingSettings
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.plain import PlainUpstream
@@ -56,3 +59,20 @@ async def test_reload_closes_the_upstream_of_a_route_that_is_gone() -> None:
     finally:
         await routes.aclose()
         transport.close()
+
+
+def test_an_empty_non_terminal_above_a_local_record_is_nodata_not_nxdomain() -> None:
+    """0.0.127.in-addr.arpa has a name below it (1.0.0.127.in-addr.arpa PTR localhost):
+    NXDOMAIN there tells an RFC 8020 resolver that the PTR of 127.0.0.1 does not exist."""
+    zones = LocalZones()
+    for name in ("0.127.in-addr.arpa.", "0.0.127.in-addr.arpa.", "0.0.127.IN-ADDR.arpa."):
+        query = dns.message.make_query(name, "PTR")
+        data = query.to_wire()
+        reply = zones.reply(wire.parse_question(data))
+        assert reply is not None
+        parsed = dns.message.from_wire(reply)
+        assert parsed.rcode() == dns.rcode.NOERROR, name
+        assert not parsed.answer and parsed.authority[0].rdtype == dns.rdatatype.SOA
+    data = dns.message.make_query("2.0.0.127.in-addr.arpa.", "PTR").to_wire()
+    reply = zones.reply(wire.parse_question(data))
+    assert reply is not None and dns.message.from_wire(reply).rcode() == dns.rcode.NXDOMAIN
