@@ -8,13 +8,16 @@ import dataclasses
 import dns.message
 import dns.rcode
 import dns.rdatatype
+import pytest
+from click.testing import CliRunner
 
+from doqproxy.cli import main
 from doqproxy.dns import wire
 from doqproxy.forwarder import Routes
 from doqproxy.net.addresses import HostPort, parse_upstream
 from doqproxy.resolver import Resolver
 from doqproxy.routing.local_zones import LocalZones
-from doqproxy.routing.routes import RouteSpec, RoutingSettings
+from doqproxy.routing.routes import RouteError, RouteSpec, RoutingSettings, parse_route
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.plain import PlainUpstream
 from doqproxy.upstream.spec import parse_spec
@@ -76,3 +79,21 @@ def test_an_empty_non_terminal_above_a_local_record_is_nodata_not_nxdomain() -> 
     data = dns.message.make_query("2.0.0.127.in-addr.arpa.", "PTR").to_wire()
     reply = zones.reply(wire.parse_question(data))
     assert reply is not None and dns.message.from_wire(reply).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_a_route_domain_idna_cannot_encode_is_a_one_line_error() -> None:
+    """``--route ééé…(70).example=…`` raised UnicodeError from the idna codec: a
+    traceback from forward and check-config instead of a one-line error."""
+    with pytest.raises(RouteError, match="not a valid"):
+        parse_route("é" * 70 + ".example=udp://127.0.0.1")
+    result = CliRunner().invoke(
+        main,
+        ["check-config", "--config", "/dev/null"],
+        env={
+            "DOQPROXY_UPSTREAM": "quic://127.0.0.1",
+            "DOQPROXY_ROUTE": "é" * 70 + ".x=udp://127.0.0.1",
+        },
+    )
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "not a valid" in result.output
