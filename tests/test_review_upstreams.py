@@ -11,9 +11,11 @@ from pathlib import Path
 
 import dns.message
 import pytest
+from click.testing import CliRunner
 
+from doqproxy.cli import main
 from doqproxy.dns import wire
-from doqproxy.net.addresses import parse_upstream
+from doqproxy.net.addresses import AddressError, parse_upstream
 from doqproxy.upstream.base import UpstreamError
 from doqproxy.upstream.bootstrap import Bootstrap
 from doqproxy.upstream.health import Health, State
@@ -109,3 +111,18 @@ async def test_bootstrap_with_a_malformed_answer_is_an_upstream_error() -> None:
             await bootstrap.resolve("dns.example", 853)
     finally:
         transport.close()
+
+
+def test_an_internationalised_upstream_name_uses_its_a_label() -> None:
+    """``-u quic://bücher.example`` crashed forward at start-up (aioquic's SNI is ASCII
+    only: UnicodeEncodeError traceback); one the idna codec cannot encode crashed
+    ``doqproxy query`` in getaddrinfo."""
+    assert parse_upstream("quic://bücher.example").host == "xn--bcher-kva.example"
+    with pytest.raises(AddressError, match="not a valid host name"):
+        parse_upstream("quic://" + "é" * 70 + ".example")
+    result = CliRunner().invoke(
+        main, ["query", "example.com", "-u", "quic://" + "é" * 70, "--timeout", "1"]
+    )
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "not a valid host name" in result.output
