@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from doqproxy.cli import main
 from doqproxy.dns import wire
 from doqproxy.net.addresses import AddressError, parse_upstream
 from doqproxy.upstream.base import UpstreamError
-from doqproxy.upstream.bootstrap import Bootstrap
+from doqproxy.upstream.bootstrap import Bootstrap, check_no_loop
 from doqproxy.upstream.health import Health, State
 from doqproxy.upstream.health_file import HealthFile
 from doqproxy.upstream.plain import PlainUpstream
+
+from .conftest import doqproxy_command, free_port
 
 
 def make(name: str) -> tuple[bytes, wire.Question]:
@@ -126,3 +129,24 @@ def test_an_internationalised_upstream_name_uses_its_a_label() -> None:
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit), result.exception
     assert "not a valid host name" in result.output
+
+
+def test_a_bootstrap_that_is_our_own_listener_refuses_to_start(tmp_path: Path) -> None:
+    """The loop guard only looked at resolv.conf: ``--bootstrap`` naming one of our own
+    listen addresses started, and every upstream lookup went through ourselves."""
+    port = free_port()
+    for listen, bootstrap in (
+        (f"127.0.0.1:{port}", f"udp://127.0.0.1:{port}"),
+        (f"0.0.0.0:{port}", f"udp://127.0.0.7:{port}"),
+    ):
+        done = subprocess.run(
+            doqproxy_command(
+                "forward", "-l", listen, "-u", "quic://dns.example", "--bootstrap", bootstrap,
+                "--state-dir", str(tmp_path / "state"),
+            ),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode != 0
+        assert "is doqproxy itself" in done.stderr
+        assert "Traceback" not in done.stderr
+    check_no_loop(["dns.example"], [("127.0.0.1", port)], bootstrap=True, servers=["127.0.0.1:53"])

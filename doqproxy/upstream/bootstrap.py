@@ -200,6 +200,7 @@ def check_no_loop(
     *,
     bootstrap: bool,
     nameservers: list[str] | None = None,
+    servers: Iterable[str] = (),
 ) -> None:
     """Refuse to start when an upstream name would be resolved through ourselves.
 
@@ -208,7 +209,21 @@ def check_no_loop(
     has no ports). Raises :class:`BootstrapError` with what to add.
     """
     names = sorted({h for h in upstream_hosts if not is_ip_literal(h)})
-    if bootstrap or not names:
+    if not names:
+        return
+    for text in servers:  # ``IP:PORT`` of --bootstrap: one of our own listeners?
+        url = _server_url(text)
+        server = ipaddress.ip_address(url.host)
+        for host, port in listen:
+            ours = ipaddress.ip_address(host)
+            if port == url.port and (
+                server == ours or (ours.is_unspecified and server.is_loopback)
+            ):
+                raise BootstrapError(
+                    f"--bootstrap {text} is doqproxy itself, so it cannot look up "
+                    f"{names[0]}: name another DNS server (e.g. your router or 9.9.9.9)"
+                )
+    if bootstrap:
         return
     ours = {ipaddress.ip_address(host) for host, port in listen if port == 53}
     unspecified = {a for a in ours if a.is_unspecified}
