@@ -188,6 +188,12 @@ class Routes:
             builder.made = dict(old.made)
             builder.bootstrap = old.bootstrap
         routed, local = builder.build(default)
+        # Keep only what the new routes use: the rest is closed below.
+        used = {
+            *settings.routing.fallback,
+            *(t for r in settings.routing.routes for t in r.upstreams),
+        }
+        builder.made = {text: u for text, u in builder.made.items() if text in used}
         # The default route is "the -u upstreams": changing them keeps the cache,
         # as before routes existed; only a change of routes drops entries.
         specs = {".": "-u", **(routed.specs if isinstance(routed, Router) else {})}

@@ -239,6 +239,10 @@ class DoqConnection:
             self._credit_waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_credit_waiter()  # woken, then cancelled: pass the credit on
+                raise
             finally:
                 if not waiter.done():
                     self._credit_waiters.remove(waiter)
@@ -263,6 +267,14 @@ class DoqConnection:
         return session.streams_opened < session.stream_limit
 
     # --- liveness ------------------------------------------------------------
+
+    def _wake_credit_waiter(self) -> None:
+        waiters = self._credit_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     @property
     def liveness_window(self) -> float:

@@ -69,7 +69,7 @@ class HealthFile:
             backoffs = int(record.get("backoffs", 0))
             retry_in = float(record.get("retry_in", 0.0)) - (time.time() - float(record["saved"]))
             last_error = str(record.get("last_error", ""))[:200]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             log.warning("%s: ignoring the entry for %s: %s", self.path, name, exc)
             return
         health.srtt = srtt
