@@ -49,7 +49,7 @@ async def test_clients_outside_the_access_list_take_no_tcp_slot() -> None:
         assert (await _ask(*outsider)).rcode() == dns.rcode.REFUSED
         outsider[1].close()
         for _ in range(8):  # one octet of a message, then nothing: never idle
-            reader, writer = await _connect(port, "127.0.0.1")
+            _reader, writer = await _connect(port, "127.0.0.1")
             writer.write(b"\x00")
             await writer.drain()
             stalled.append(writer)
