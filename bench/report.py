@@ -67,6 +67,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
          _get(results, "miss_path", "ratio"), TIMES, ">=", 0.9),
         ("miss path q/s, doqproxy / bare aioquic client (4 connections)",
          _get(results, "miss_path", "ratio_4"), TIMES, None, None),
+        ("p99 while the fastest of 3 upstreams is black-holed",
+         _get(results, "failover", "during", "p99_ms"), "ms", "<=",
+         _get(results, "failover", "goal_p99_during_ms")),
     ]  # fmt: skip
     found = []
     for name, value, unit, op, target in rows:
@@ -116,6 +119,7 @@ def markdown(results: dict[str, Any]) -> str:
         unit = "" if goal["value"] is None else f" {goal['unit']}"
         out.append(f"| {goal['name']} | {value}{unit} | {goal['goal']} | {_verdict(goal['met'])} |")
     out += _cache_hit(results) + _miss(results) + engines_section(results) + _link(results)
+    out += _failover(results)
     out += _memory(results) + _profiles(results)
     for note in results.get("notes", []):
         out.append(f"\nNote: {note}")
@@ -208,6 +212,36 @@ def _link(results: dict[str, Any]) -> list[str]:
         f"{lk['restarts_with_early_data_accepted']} of {lk['runs']}; session resumed: "
         f"{lk['restarts_with_session_resumed']} of {lk['runs']}."
     )
+    return out
+
+
+def _failover(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    fo = results.get("failover")
+    if fo:
+        rtts = ", ".join(f"{r:g}" for r in fo["rtts_ms"])
+        out += [
+            "",
+            f"Several upstreams: three relays ({rtts} ms RTT) to one serve, fastest strategy, "
+            f"{fo['qps']} q/s of misses for {fo['seconds']:g} s; the fastest black-holed in "
+            "the middle third:",
+            "",
+            "| phase | queries | p50 ms | p99 ms | max ms | SERVFAIL | unanswered |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for phase in ("before", "during", "after"):
+            row = fo[phase]
+            out.append(
+                f"| {phase} | {row['queries']} | {_fmt(row['p50_ms'], 2)} "
+                f"| {_fmt(row['p99_ms'], 2)} | {_fmt(row['max_ms'], 2)} | {row['servfail']} "
+                f"| {row['unanswered']} |"
+            )
+        out.append(
+            f"\nTraffic moved {fo['moved_after_ms']} ms after the black-hole "
+            f"({fo['slowed_by_the_blackhole']} queries answered after ≥ "
+            f"{fo['hedge_delay_min_ms']:g} ms meanwhile; {_fmt(fo.get('hedged_total'))} "
+            "hedged queries in all)."
+        )
     return out
 
 

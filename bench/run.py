@@ -7,6 +7,7 @@ report goes to stdout, progress to stderr, the figures to ``bench/results/latest
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import dnsperf, engines, link, peers, profile, report
+from . import dnsperf, engines, failover, link, peers, profile, report
 from .procs import (
     LOOPBACK,
     REPO,
@@ -42,7 +43,7 @@ from .procs import (
 )
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
-CASES = ("cache_hit", "miss_path", "engines", "link", "memory")
+CASES = ("cache_hit", "miss_path", "engines", "link", "failover", "memory")
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,14 @@ class Plan:
     link_rtt_ms: float
     hit_names: int
     memory_names: int
+    failover_seconds: float = 15.0
+    failover_qps: int = 500
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 1, 1, 1, 10_000, 1, 1, 2, 50, 1000, 2000)
-        return cls(False, 10, 2, 5, 10_000, 8, 5, 10, 50, 1000, 100_000)
+            return cls(True, 1, 1, 1, 10_000, 1, 1, 2, 50, 1000, 2000, 3.0)
+        return cls(False, 10, 2, 5, 10_000, 8, 5, 10, 50, 1000, 100_000, 15.0)
 
 
 def progress(text: str) -> None:
@@ -114,7 +117,7 @@ class Bench:
     def start_forward(
         self,
         name: str,
-        upstream_port: int,
+        upstream_port: int | list[int],
         state: Path,
         *,
         cache: bool = True,
@@ -126,8 +129,10 @@ class Bench:
         self.forwards += 1
         port = free_port()
         notify = Notify(self.workdir / f"notify-{self.forwards}")
+        ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+        upstreams = [arg for p in ports for arg in ("-u", f"quic://{LOOPBACK}:{p}")]
         argv = doqproxy_argv(
-            "forward", "-l", f"{LOOPBACK}:{port}", "-u", f"quic://{LOOPBACK}:{upstream_port}",
+            "forward", "-l", f"{LOOPBACK}:{port}", *upstreams,
             "--tls-ca-file", str(self.ca), "--tls-server-name", SERVER_NAME,
             "--state-dir", str(state), *extra,
         )  # fmt: skip
@@ -375,6 +380,70 @@ class Bench:
         found["floor_bare_client_median_ms"] = floor["median_ms"] if floor["valid"] else None
         return found
 
+    def failover(self) -> dict[str, Any]:
+        """Three upstreams behind relays (5, 20, 60 ms RTT); the fastest goes silent a
+        third of the way into a paced run of misses and comes back two thirds in."""
+        plan = self.plan
+        rtts = (5.0, 20.0, 60.0)
+        relays: list[Child] = []
+        ports: list[int] = []
+        child = None
+        try:
+            for rtt in rtts:
+                relay = self.children.start(
+                    f"relay-{rtt:g}ms",
+                    [
+                        sys.executable, "-m", "bench.relay", "--listen", f"{LOOPBACK}:0",
+                        "--upstream", f"{LOOPBACK}:{self.doq_port}", "--delay-ms", str(rtt / 2),
+                        "--coarse",
+                    ],
+                )  # fmt: skip
+                relays.append(relay)
+                ports.append(int(wait_log(relay, r"ready (\d+)")[1]))
+            child, port, metrics_port = self.start_forward(
+                "forward-failover", ports, self.state(), cache=False, metrics=True,
+                extra=("--upstream-strategy", "fastest"),
+            )  # fmt: skip
+            names = [f"{n}." for n in peers.hit_names(plan.hit_names)]
+            warm = 1.0 if plan.quick else 2.0
+            progress(f"failover: {warm:g} s of warm-up at 200 q/s (the strategy learns the RTTs)")
+            asyncio.run(failover.paced(port, names, 200, warm, [], linger=1.0))
+            seconds, qps = plan.failover_seconds, plan.failover_qps
+            blackhole_at, restore_at = seconds / 3, 2 * seconds / 3
+            fastest = relays[0].pid
+            progress(
+                f"failover: {qps} q/s for {seconds:g} s; the 5 ms upstream black-holed "
+                f"from {blackhole_at:g} s to {restore_at:g} s"
+            )
+            samples = asyncio.run(
+                failover.paced(
+                    port, names, qps, seconds,
+                    [
+                        (blackhole_at, lambda: os.kill(fastest, signal.SIGUSR1)),
+                        (restore_at, lambda: os.kill(fastest, signal.SIGUSR2)),
+                    ],
+                    linger=2.0 if plan.quick else 5.0,
+                )
+            )  # fmt: skip
+            hedge_min_ms = 50.0
+            found = failover.summarize(samples, blackhole_at, restore_at, hedge_min_ms / 1000)
+            found |= {
+                "rtts_ms": list(rtts),
+                "qps": qps,
+                "seconds": seconds,
+                "hedge_delay_min_ms": hedge_min_ms,
+                "goal_p99_during_ms": hedge_min_ms + rtts[1] + 10,
+            }
+            if metrics_port is not None:
+                metrics = link.scrape(metrics_port)
+                found["hedged_total"] = int(metrics.get("doqproxy_upstream_hedged_total", 0))
+        finally:
+            if child is not None:
+                self.children.stop(child)
+            for relay in relays:
+                self.children.stop(relay)
+        return found
+
     def memory(self) -> dict[str, Any]:
         names = self.plan.memory_names
         progress(f"memory: {names} distinct names through doqproxy forward")
@@ -481,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
             results["engines"] = bench.engines()
         if "link" in cases:
             results["link"] = bench.link()
+        if "failover" in cases:
+            results["failover"] = bench.failover()
         if "memory" in cases:
             results["memory"] = bench.memory()
         results["notes"] = bench.notes

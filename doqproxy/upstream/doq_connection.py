@@ -90,8 +90,7 @@ class DoqConnection:
         """Seconds from the first flight to a completed handshake before giving up
         (an upstream that drops our packets without an ICMP error)."""
         self._handshake_timer: asyncio.TimerHandle | None = None
-        self.pins: tuple[str, ...] = ()
-        """Accepted SPKI SHA-256 pins (base64); empty means no pinning."""
+        self.pins: tuple[str, ...] = ()  # accepted SPKI SHA-256 pins (base64), if any
         self.handshake_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending: dict[int, tuple[framing.StreamReader, asyncio.Future[bytes]]] = {}
         self._session: ClientSession | None = None
@@ -240,6 +239,10 @@ class DoqConnection:
             self._credit_waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_credit_waiter()  # woken, then cancelled: pass the credit on
+                raise
             finally:
                 if not waiter.done():
                     self._credit_waiters.remove(waiter)
@@ -269,6 +272,14 @@ class DoqConnection:
         return session.streams_opened < session.stream_limit
 
     # --- liveness ------------------------------------------------------------
+
+    def _wake_credit_waiter(self) -> None:
+        waiters = self._credit_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     @property
     def liveness_window(self) -> float:

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,8 @@ class DoqUpstream:
         """The address whose handshake last succeeded; new connections go there."""
         self._failed_at: dict[tuple[str, int], float] = {}
         self._rescue: asyncio.Task[None] | None = None
+        self._superseded: weakref.WeakSet[DoqConnection] = weakref.WeakSet()
+        """Connections closed because another address won: not failures."""
         self.name = str(url)
         self.settings = settings
         self.pad_block = settings.pad_block
@@ -348,6 +351,7 @@ class DoqUpstream:
             assert isinstance(winner, DoqConnection)
             self._register(winner)
             if not first.handshake_complete:
+                self._superseded.add(first)
                 first.close(framing.DoqError.NO_ERROR, "another address answered first")
 
     def _rescued(self, task: asyncio.Task[None]) -> None:
@@ -476,6 +480,8 @@ class DoqUpstream:
     def _on_handshake(self, conn: DoqConnection) -> None:
         info = conn.info
         if conn.handshake_done.cancelled() or conn.handshake_done.exception() is not None:
+            if conn in self._superseded:
+                return
             if self._preferred == conn.address:
                 self._preferred = None
             if self.forget is not None:
