@@ -273,6 +273,5 @@ def client_configuration(
     )
     if ca_file is not None:
         configuration.load_verify_locations(cafile=ca_file)
-    else:
-        configuration.load_verify_locations(cafile=ssl.get_default_verify_paths().cafile)
+    # else qh3 loads the system trust store itself (ssl's default certificates)
     return configuration
