@@ -229,6 +229,7 @@ class UpstreamGroup:
         second_chance = True
         position = 0
         last: _Attempt | None = None
+        denied: _Attempt | None = None  # the attempt whose early hedge the budget refused
 
         def launch(hedge: bool) -> None:
             nonlocal position, last
@@ -262,6 +263,8 @@ class UpstreamGroup:
                 wake = deadline
                 if can_launch and hedging and last is not None:
                     hedge = selection.hedge_delay(last.member.health, settings)
+                    if denied is last:
+                        hedge = max(hedge, settings.hedge_max)
                     wake = min(wake, last.started + hedge)
                 done, _ = await asyncio.wait(
                     running,
@@ -271,12 +274,15 @@ class UpstreamGroup:
                 if not done:
                     if self.clock() >= deadline:
                         break
-                    if wake >= deadline:
+                    if wake >= deadline or last is None:
                         continue  # the timer fired a hair early: wait out the rest
-                    if self.hedge_budget.spend():
+                    now = self.clock()
+                    # Silent for 3 x its SRTT: that alone says it is slower than thought.
+                    last.member.health.slower_than(now - last.started, now)
+                    if denied is last or self.hedge_budget.spend():
                         launch(hedge=True)
                     else:
-                        hedging = False  # over budget: this query waits, or fails over
+                        denied = last  # over budget: hedge only at --hedge-delay-max
                     continue
                 for task in done:
                     attempt = running.pop(task)
