@@ -452,6 +452,23 @@ async def test_a_timer_firing_early_at_the_deadline_is_no_crash() -> None:
     assert "a timeout" in str(caught.value) and "b timeout" in str(caught.value)
 
 
+async def test_over_the_hedge_budget_an_upstream_that_answers_others_is_waited_for() -> None:
+    """Overload, not a stall: it answered something after this query went out."""
+    slow, other = Fake("quic://a:853", after(0.3)), Fake("quic://b:853", after(0.0))
+    group = group_of(slow, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.05)
+    group.hedge_budget.tokens = 0.0
+    data, question = make_question()
+
+    async def heard_meanwhile() -> None:
+        await asyncio.sleep(0.02)
+        group.members[0].health.last_heard = group.clock()
+
+    task = asyncio.ensure_future(heard_meanwhile())
+    assert wire.get_rcode(await group.query(data, question)) == dns.rcode.NOERROR
+    await task
+    assert (slow.calls, other.calls) == (1, 0)
+
+
 async def test_servfail_asks_one_other_upstream() -> None:
     bad = Fake("quic://a:853", after(0.0, dns.rcode.SERVFAIL))
     good = Fake("quic://b:853", after(0.0))

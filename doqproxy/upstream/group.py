@@ -279,10 +279,16 @@ class UpstreamGroup:
                     now = self.clock()
                     # Silent for 3 x its SRTT: that alone says it is slower than thought.
                     last.member.health.slower_than(now - last.started, now)
-                    if denied is last or self.hedge_budget.spend():
+                    if denied is not last and self.hedge_budget.spend():
                         launch(hedge=True)
+                    elif denied is not last:
+                        denied = last  # over budget: hedge only at --hedge-delay-max...
+                    elif last.member.health.last_heard < last.started:
+                        launch(hedge=True)  # ...and only if it has gone silent
                     else:
-                        denied = last  # over budget: hedge only at --hedge-delay-max
+                        # It answers other queries, just late: we are overloaded, and
+                        # a hedge would only add load. This query waits for it.
+                        hedging = False
                     continue
                 for task in done:
                     attempt = running.pop(task)
@@ -342,6 +348,7 @@ class UpstreamGroup:
         """Record an answer; the reason when it is SERVFAIL or REFUSED."""
         now = self.clock()
         rtt = now - started
+        member.health.last_heard = now
         soft = _SOFT_RCODES.get(wire.get_rcode(answer)) if len(answer) >= 4 else Reason.PROTOCOL
         if soft is None:
             member.stats.answers += 1
