@@ -49,6 +49,14 @@ def test_slower_than_only_raises_the_estimate() -> None:
     assert health.srtt == pytest.approx(0.020)
 
 
+def test_silence_weighs_like_a_fall() -> None:
+    health = Health(srtt=0.010)
+    health.slower_than(0.050, now=1.0, silent=True)
+    assert health.srtt == pytest.approx(0.030)  # half way, not an eighth
+    health.slower_than(0.020, now=2.0, silent=True)
+    assert health.srtt == pytest.approx(0.030)  # a lower bound never lowers it
+
+
 def test_hard_failure_backs_off_exponentially_then_probes() -> None:
     health = Health(HealthSettings(backoff_base=1.0, backoff_cap=3.0))
     health.failed(Reason.TIMEOUT, "no reply", now=10.0)

@@ -277,13 +277,15 @@ class UpstreamGroup:
                     if wake >= deadline or last is None:
                         continue  # the timer fired a hair early: wait out the rest
                     now = self.clock()
-                    # Silent for 3 x its SRTT: that alone says it is slower than thought.
-                    last.member.health.slower_than(now - last.started, now)
+                    # Late by 3 x its SRTT: that alone says it is slower than thought.
+                    health = last.member.health
+                    silent = health.last_heard < last.started
+                    health.slower_than(now - last.started, now, silent=silent)
                     if denied is not last and self.hedge_budget.spend():
                         launch(hedge=True)
                     elif denied is not last:
                         denied = last  # over budget: hedge only at --hedge-delay-max...
-                    elif last.member.health.last_heard < last.started:
+                    elif silent:
                         launch(hedge=True)  # ...and only if it has gone silent
                     else:
                         # It answers other queries, just late: we are overloaded, and
