@@ -247,7 +247,7 @@ class UpstreamGroup:
                     launch(hedge=False)  # the last one failed: the next one at once
                     continue
                 wake = deadline
-                if can_launch and last is not None:
+                if (can_launch or fallback is not None) and last is not None:
                     hedge = selection.hedge_delay(last.member.health, settings)
                     wake = min(wake, last.started + hedge)
                 done, _ = await asyncio.wait(
@@ -258,6 +258,8 @@ class UpstreamGroup:
                 if not done:
                     if self.clock() >= deadline:
                         break
+                    if fallback is not None:  # the other upstream is late: SERVFAIL it is
+                        return fallback
                     if can_launch:  # else the wait ended a hair before the deadline
                         launch(hedge=True)
                     continue
