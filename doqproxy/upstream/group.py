@@ -247,9 +247,10 @@ class UpstreamGroup:
                     launch(hedge=False)  # the last one failed: the next one at once
                     continue
                 wake = deadline
-                if (can_launch or fallback is not None) and last is not None:
-                    hedge = selection.hedge_delay(last.member.health, settings)
-                    wake = min(wake, last.started + hedge)
+                if fallback is not None:  # each one still asked gets its own hedge delay
+                    wake = min(wake, max(_due(a, settings) for a in running.values()))
+                elif can_launch and last is not None:
+                    wake = min(wake, _due(last, settings))
                 done, _ = await asyncio.wait(
                     running,
                     timeout=max(0.0, wake - self.clock()),
@@ -429,6 +430,11 @@ def fit(head: str, parts: Sequence[tuple[str, str]], budget: int) -> str:
         cut.append(text if len(text) <= allowed else text[: max(0, allowed - 1)] + "…")
     result = head + "; ".join(f"{n} {t}".rstrip() for n, t in zip(names, cut, strict=True))
     return result[:budget]
+
+
+def _due(attempt: _Attempt, settings: SelectionSettings) -> float:
+    """When ``attempt`` is late enough to hedge (or to give up on, after a SERVFAIL)."""
+    return attempt.started + selection.hedge_delay(attempt.member.health, settings)
 
 
 def _tell_caller(member: Member) -> None:
