@@ -42,10 +42,15 @@ class Upstream(asyncio.DatagramProtocol):
 
 
 class Relay(asyncio.DatagramProtocol):
-    def __init__(self, upstream: Address, delay: float, loss: float = 0.0) -> None:
+    def __init__(
+        self, upstream: Address, delay: float, loss: float = 0.0, *, precise: bool = True
+    ) -> None:
         self.upstream = upstream
         self.delay = delay
         self.loss = loss
+        self.precise = precise
+        """Spin for the last ~2 ms of each delay (exact, but it blocks the loop, so it
+        only suits a few packets at a time); otherwise trust the timer (up to ~1 ms late)."""
         self.dropped = 0
         self.transport: asyncio.DatagramTransport | None = None
         self.clients: dict[Address, asyncio.Future[Upstream]] = {}
@@ -60,6 +65,9 @@ class Relay(asyncio.DatagramProtocol):
             return
         if self.delay <= 0:
             send(data, addr)
+            return
+        if not self.precise:
+            asyncio.get_running_loop().call_later(self.delay, send, data, addr)
             return
         # The event loop's timers fire up to a millisecond late (epoll's timeout is in
         # whole ms), which would add ~1 ms per round trip; wake early and sleep the rest.
@@ -114,12 +122,14 @@ def parse_address(text: str) -> Address:
     return host, int(port)
 
 
-async def main_async(listen: Address, upstream: Address, delay: float, loss: float = 0.0) -> None:
+async def main_async(
+    listen: Address, upstream: Address, delay: float, loss: float = 0.0, precise: bool = True
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    relay = Relay(upstream, delay, loss)
+    relay = Relay(upstream, delay, loss, precise=precise)
     loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(relay, "blackhole", True))
     loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(relay, "blackhole", False))
     transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=listen)
@@ -134,10 +144,14 @@ def main() -> None:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--delay-ms", type=float, default=25.0, help="delay each way")
     parser.add_argument("--loss", type=float, default=0.0, help="percent of datagrams lost")
+    parser.add_argument(
+        "--coarse", action="store_true", help="no spinning: for hundreds of packets a second"
+    )
     args = parser.parse_args()
     delay = args.delay_ms / 1000
     loss = args.loss / 100
-    asyncio.run(main_async(parse_address(args.listen), parse_address(args.upstream), delay, loss))
+    listen, upstream = parse_address(args.listen), parse_address(args.upstream)
+    asyncio.run(main_async(listen, upstream, delay, loss, not args.coarse))
 
 
 if __name__ == "__main__":

@@ -228,10 +228,12 @@ def check_no_loop(
         return
     for text in servers:  # ``IP:PORT`` of --bootstrap: one of our own listeners?
         url = _server_url(text)
-        asked = ipaddress.ip_address(url.host)
+        target = ipaddress.ip_address(url.host)
         for host, port in listen:
             mine = ipaddress.ip_address(host)
-            if port == url.port and (asked == mine or (mine.is_unspecified and asked.is_loopback)):
+            if port == url.port and (
+                target == mine or (mine.is_unspecified and target.is_loopback)
+            ):
                 raise BootstrapError(
                     f"--bootstrap {text} is doqproxy itself, so it cannot look up "
                     f"{names[0]}: name another DNS server (e.g. your router or 9.9.9.9)"

@@ -73,6 +73,7 @@ class HealthFile:
             log.warning("%s: ignoring the entry for %s: %s", self.path, name, exc)
             return
         health.srtt = srtt
+        health.unmeasured = 1 << 30  # measured before the restart: refresh on the first query
         health.backoffs = max(0, min(backoffs, 30))
         health.last_error = last_error
         if state is not State.UP:
