@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from doqproxy.dns import wire
 from doqproxy.dns.ede import Ede
+from doqproxy.dns.padding import repad
 from doqproxy.dns.wire import Question
 from doqproxy.upstream import selection
 from doqproxy.upstream.base import Upstream, UpstreamError
@@ -239,7 +240,8 @@ class UpstreamGroup:
             member.stats.queries_sent += 1
             member.stats.hedged += hedge
             assert member.call is not None
-            task = asyncio.ensure_future(member.call.query(message, question))
+            outgoing = self._for(member, message)
+            task = asyncio.ensure_future(member.call.query(outgoing, question))
             last = running[task] = _Attempt(member, self.clock(), hedge)
 
         for _ in range(plan.initial):
@@ -307,6 +309,12 @@ class UpstreamGroup:
             raise UpstreamError(self.describe_failure(errors), Ede.NO_REACHABLE_AUTHORITY)
         finally:
             self._cancel_losers(running)
+
+    def _for(self, member: Member, message: bytes) -> bytes:
+        """``message`` (padded for the group) as ``member`` should get it: members of a
+        route may mix transports, and plain DNS gets no padding (RFC 8467)."""
+        block = member.upstream.pad_block
+        return message if block == self.pad_block else repad(message, block)
 
     def _outcome(
         self, task: asyncio.Task[bytes], attempt: _Attempt, errors: dict[Member, str]
@@ -394,7 +402,7 @@ class UpstreamGroup:
         limit = self.side_trip_limit
         try:
             async with asyncio.timeout(limit):
-                answer = await member.call.query(message, question)
+                answer = await member.call.query(self._for(member, message), question)
         except TimeoutError:
             text = f"no answer within {limit:.1f}s"
             member.health.failed(Reason.TIMEOUT, text, self.clock())
