@@ -4,12 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install venv test lint debian-tools demo bench clean
+.PHONY: install venv test lint debian-tools demo bench fuzz soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,top]'
+	$(PIP) install -q -e '.[test,top,qh3]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -22,8 +22,8 @@ debian-tools:
 	@scripts/debian-tools.sh
 
 lint: venv
-	$(VENV)/bin/ruff check doqproxy tests bench contrib
-	$(VENV)/bin/ruff format --check doqproxy tests bench contrib
+	$(VENV)/bin/ruff check doqproxy tests bench contrib fuzz
+	$(VENV)/bin/ruff format --check doqproxy tests bench contrib fuzz
 	$(VENV)/bin/mypy
 
 test: venv debian-tools lint
@@ -38,6 +38,18 @@ demo: venv
 # when missing. Markdown on stdout, figures in bench/results/latest.json (BENCHMARKS.md).
 bench: venv
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Not part of `make test`: every fuzz target (fuzz/targets.py) for a fixed number of
+# inputs (1.86 million in all, a few minutes); Markdown with exec/s and coverage on stdout.
+# FUZZ_ARGS="--scale 0.1" for a shorter run, or name targets: FUZZ_ARGS=validate.
+fuzz: venv
+	$(PY) -m fuzz $(FUZZ_ARGS)
+
+# Not part of `make test`: 10 minutes of mixed load through a lossy relay, with the
+# upstream restarted every 30 s (bench/soak.py). SOAK_SECONDS=90 for a short run.
+SOAK_SECONDS ?= 600
+soak: venv
+	$(PY) -m bench.soak --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

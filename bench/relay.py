@@ -1,8 +1,10 @@
-"""A user-space UDP relay that adds a fixed delay each way (the kernel here has no netem).
+"""A user-space UDP relay that adds a fixed delay each way (the kernel here has no netem),
+and optionally loses datagrams at random.
 
-``python -m bench.relay --listen 127.0.0.1:P --upstream 127.0.0.1:Q --delay-ms 25``
-prints ``ready PORT`` once it listens. Each client address gets its own upstream
-socket, so a QUIC connection keeps its 4-tuple as the server sees it.
+``python -m bench.relay --listen 127.0.0.1:P --upstream 127.0.0.1:Q --delay-ms 25 [--loss 5]``
+prints ``ready PORT`` once it listens. With ``--loss PCT`` each datagram, either way, is
+dropped with that probability (the soak test uses 5%). Each client address gets its own
+upstream socket, so a QUIC connection keeps its 4-tuple as the server sees it.
 
 Setting :attr:`Relay.blackhole` (SIGUSR1 for the command; SIGUSR2 clears it)
 drops every datagram both ways, like a server that went silent.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -39,9 +42,16 @@ class Upstream(asyncio.DatagramProtocol):
 
 
 class Relay(asyncio.DatagramProtocol):
-    def __init__(self, upstream: Address, delay: float) -> None:
+    def __init__(
+        self, upstream: Address, delay: float, loss: float = 0.0, *, precise: bool = True
+    ) -> None:
         self.upstream = upstream
         self.delay = delay
+        self.loss = loss
+        self.precise = precise
+        """Spin for the last ~2 ms of each delay (exact, but it blocks the loop, so it
+        only suits a few packets at a time); otherwise trust the timer (up to ~1 ms late)."""
+        self.dropped = 0
         self.transport: asyncio.DatagramTransport | None = None
         self.clients: dict[Address, asyncio.Future[Upstream]] = {}
         self.blackhole = False
@@ -50,6 +60,15 @@ class Relay(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def later(self, send: Callable[[bytes, Address], None], data: bytes, addr: Address) -> None:
+        if self.loss and random.random() < self.loss:
+            self.dropped += 1
+            return
+        if self.delay <= 0:
+            send(data, addr)
+            return
+        if not self.precise:
+            asyncio.get_running_loop().call_later(self.delay, send, data, addr)
+            return
         # The event loop's timers fire up to a millisecond late (epoll's timeout is in
         # whole ms), which would add ~1 ms per round trip; wake early and sleep the rest.
         due = time.perf_counter() + self.delay
@@ -103,12 +122,14 @@ def parse_address(text: str) -> Address:
     return host, int(port)
 
 
-async def main_async(listen: Address, upstream: Address, delay: float) -> None:
+async def main_async(
+    listen: Address, upstream: Address, delay: float, loss: float = 0.0, precise: bool = True
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    relay = Relay(upstream, delay)
+    relay = Relay(upstream, delay, loss, precise=precise)
     loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(relay, "blackhole", True))
     loop.add_signal_handler(signal.SIGUSR2, lambda: setattr(relay, "blackhole", False))
     transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=listen)
@@ -122,9 +143,15 @@ def main() -> None:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--delay-ms", type=float, default=25.0, help="delay each way")
+    parser.add_argument("--loss", type=float, default=0.0, help="percent of datagrams lost")
+    parser.add_argument(
+        "--coarse", action="store_true", help="no spinning: for hundreds of packets a second"
+    )
     args = parser.parse_args()
     delay = args.delay_ms / 1000
-    asyncio.run(main_async(parse_address(args.listen), parse_address(args.upstream), delay))
+    loss = args.loss / 100
+    listen, upstream = parse_address(args.listen), parse_address(args.upstream)
+    asyncio.run(main_async(listen, upstream, delay, loss, not args.coarse))
 
 
 if __name__ == "__main__":

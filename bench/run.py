@@ -7,6 +7,7 @@ report goes to stdout, progress to stderr, the figures to ``bench/results/latest
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import dnsperf, link, peers, profile, report
+from . import dnsperf, engines, failover, link, peers, profile, report
 from .procs import (
     LOOPBACK,
     REPO,
@@ -42,6 +43,7 @@ from .procs import (
 )
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
+CASES = ("cache_hit", "miss_path", "engines", "link", "failover", "memory")
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,14 @@ class Plan:
     link_rtt_ms: float
     hit_names: int
     memory_names: int
+    failover_seconds: float = 15.0
+    failover_qps: int = 500
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls(True, 1, 1, 1, 10_000, 1, 1, 2, 50, 1000, 2000)
-        return cls(False, 10, 2, 5, 10_000, 8, 5, 10, 50, 1000, 100_000)
+            return cls(True, 1, 1, 1, 10_000, 1, 1, 2, 50, 1000, 2000, 3.0)
+        return cls(False, 10, 2, 5, 10_000, 8, 5, 10, 50, 1000, 100_000, 15.0)
 
 
 def progress(text: str) -> None:
@@ -113,21 +117,24 @@ class Bench:
     def start_forward(
         self,
         name: str,
-        upstream_port: int,
+        upstream_port: int | list[int],
         state: Path,
         *,
         cache: bool = True,
         metrics: bool = False,
+        extra: tuple[str, ...] = (),
     ) -> tuple[Child, int, int | None]:
         """Start ``doqproxy forward``; with ``metrics`` also its Prometheus endpoint, which
         adds per-query bookkeeping, so throughput runs go without it."""
         self.forwards += 1
         port = free_port()
         notify = Notify(self.workdir / f"notify-{self.forwards}")
+        ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+        upstreams = [arg for p in ports for arg in ("-u", f"quic://{LOOPBACK}:{p}")]
         argv = doqproxy_argv(
-            "forward", "-l", f"{LOOPBACK}:{port}", "-u", f"quic://{LOOPBACK}:{upstream_port}",
+            "forward", "-l", f"{LOOPBACK}:{port}", *upstreams,
             "--tls-ca-file", str(self.ca), "--tls-server-name", SERVER_NAME,
-            "--state-dir", str(state),
+            "--state-dir", str(state), *extra,
         )  # fmt: skip
         if not cache and self.forward_caches:
             argv.append("--no-cache")
@@ -276,8 +283,46 @@ class Bench:
             )
         return found
 
+    def engines(self) -> dict[str, Any]:
+        """CPU per miss, datagrams per query each way and q/s: doqproxy forward on each
+        installed QUIC engine, then the bare clients, one at a time against one serve."""
+        plan = self.plan
+        installed = engines.installed_engines()
+        has_flag = (
+            "--quic-engine"
+            in subprocess.run(
+                doqproxy_argv("forward", "--help"), capture_output=True, text=True, check=True
+            ).stdout
+        )
+        found: dict[str, Any] = {"engines": installed, "seconds": plan.miss_seconds}
+
+        def run(port: int, label: str) -> dnsperf.PerfResult:
+            if label.endswith("-warm"):
+                return self.perf(port, label, runs=1)
+            return self.perf(port, label, seconds=plan.miss_seconds)
+
+        for engine in installed if has_flag else ["default"]:
+            progress(f"engines: doqproxy forward --no-cache, QUIC engine {engine}")
+            extra = ("--quic-engine", engine) if has_flag else ()
+            child, port, _ = self.start_forward(
+                f"forward-{engine}", self.doq_port, self.state(), cache=False, extra=extra
+            )
+            try:
+                found[f"doqproxy_{engine}"] = engines.forward_case(child, port, run, engine)
+            finally:
+                self.children.stop(child)
+        for engine in installed:
+            progress(f"engines: bare {engine} client, 1 connection, 100 streams")
+            found[f"bare_{engine}"] = self.bare_client(self.doq_port, 1, 100, engine=engine)
+        return found
+
     def bare_client(
-        self, port: int, connections: int, concurrency: int, seconds: float | None = None
+        self,
+        port: int,
+        connections: int,
+        concurrency: int,
+        seconds: float | None = None,
+        engine: str = "aioquic",
     ) -> dict[str, Any]:
         seconds = self.plan.miss_seconds if seconds is None else seconds
         argv = [
@@ -285,7 +330,7 @@ class Bench:
             "--server", f"{LOOPBACK}:{port}", "--ca", str(self.ca),
             "--server-name", SERVER_NAME, "--names", str(self.hit_file),
             "--seconds", str(seconds), "--concurrency", str(concurrency),
-            "--connections", str(connections),
+            "--connections", str(connections), "--engine", engine,
         ]  # fmt: skip
         cpu0 = cpu_seconds(self.serve.pid)
         t0 = time.monotonic()
@@ -333,6 +378,70 @@ class Bench:
             self.children.stop(relay)
         found = result.as_dict()
         found["floor_bare_client_median_ms"] = floor["median_ms"] if floor["valid"] else None
+        return found
+
+    def failover(self) -> dict[str, Any]:
+        """Three upstreams behind relays (5, 20, 60 ms RTT); the fastest goes silent a
+        third of the way into a paced run of misses and comes back two thirds in."""
+        plan = self.plan
+        rtts = (5.0, 20.0, 60.0)
+        relays: list[Child] = []
+        ports: list[int] = []
+        child = None
+        try:
+            for rtt in rtts:
+                relay = self.children.start(
+                    f"relay-{rtt:g}ms",
+                    [
+                        sys.executable, "-m", "bench.relay", "--listen", f"{LOOPBACK}:0",
+                        "--upstream", f"{LOOPBACK}:{self.doq_port}", "--delay-ms", str(rtt / 2),
+                        "--coarse",
+                    ],
+                )  # fmt: skip
+                relays.append(relay)
+                ports.append(int(wait_log(relay, r"ready (\d+)")[1]))
+            child, port, metrics_port = self.start_forward(
+                "forward-failover", ports, self.state(), cache=False, metrics=True,
+                extra=("--upstream-strategy", "fastest"),
+            )  # fmt: skip
+            names = [f"{n}." for n in peers.hit_names(plan.hit_names)]
+            warm = 1.0 if plan.quick else 2.0
+            progress(f"failover: {warm:g} s of warm-up at 200 q/s (the strategy learns the RTTs)")
+            asyncio.run(failover.paced(port, names, 200, warm, [], linger=1.0))
+            seconds, qps = plan.failover_seconds, plan.failover_qps
+            blackhole_at, restore_at = seconds / 3, 2 * seconds / 3
+            fastest = relays[0].pid
+            progress(
+                f"failover: {qps} q/s for {seconds:g} s; the 5 ms upstream black-holed "
+                f"from {blackhole_at:g} s to {restore_at:g} s"
+            )
+            samples = asyncio.run(
+                failover.paced(
+                    port, names, qps, seconds,
+                    [
+                        (blackhole_at, lambda: os.kill(fastest, signal.SIGUSR1)),
+                        (restore_at, lambda: os.kill(fastest, signal.SIGUSR2)),
+                    ],
+                    linger=2.0 if plan.quick else 5.0,
+                )
+            )  # fmt: skip
+            hedge_min_ms = 50.0
+            found = failover.summarize(samples, blackhole_at, restore_at, hedge_min_ms / 1000)
+            found |= {
+                "rtts_ms": list(rtts),
+                "qps": qps,
+                "seconds": seconds,
+                "hedge_delay_min_ms": hedge_min_ms,
+                "goal_p99_during_ms": hedge_min_ms + rtts[1] + 10,
+            }
+            if metrics_port is not None:
+                metrics = link.scrape(metrics_port)
+                found["hedged_total"] = int(metrics.get("doqproxy_upstream_hedged_total", 0))
+        finally:
+            if child is not None:
+                self.children.stop(child)
+            for relay in relays:
+                self.children.stop(relay)
         return found
 
     def memory(self) -> dict[str, Any]:
@@ -389,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp dir (logs) for debugging"
     )
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=CASES,
+        help="run only this case (repeatable); the report shows what ran",
+    )
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -426,10 +541,19 @@ def main(argv: list[str] | None = None) -> int:
             "doq": f"doqproxy serve --zone ({plan.hit_names} n* + {plan.memory_names} m* names)",
             "plain": f"Unbound 1 thread, local-zone static + local-data ({plan.hit_names} names)",
         }
-        results["cache_hit"] = bench.cache_hit(spy)
-        results["miss_path"] = bench.miss_path(spy)
-        results["link"] = bench.link()
-        results["memory"] = bench.memory()
+        cases = args.case or list(CASES)
+        if "cache_hit" in cases:
+            results["cache_hit"] = bench.cache_hit(spy)
+        if "miss_path" in cases:
+            results["miss_path"] = bench.miss_path(spy)
+        if "engines" in cases:
+            results["engines"] = bench.engines()
+        if "link" in cases:
+            results["link"] = bench.link()
+        if "failover" in cases:
+            results["failover"] = bench.failover()
+        if "memory" in cases:
+            results["memory"] = bench.memory()
         results["notes"] = bench.notes
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -98,8 +98,10 @@ def serve_command(*args: str) -> list[str]:
 class ServeProcess(ManagedProcess):
     """``doqproxy serve`` on 127.0.0.1, port chosen by the kernel; stopped by its own handle."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
-        super().__init__(serve_command("-l", "127.0.0.1:0", "-v", *args), log_path)
+    def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None) -> None:
+        """``prefix``: a command to run it under, e.g. prlimit."""
+        argv = [*(prefix or []), *serve_command("-l", "127.0.0.1:0", "-v", *args)]
+        super().__init__(argv, log_path)
         self.log_path = log_path
         self.port = self._wait_listening()
 

@@ -93,6 +93,11 @@ def test_bench_quick_mode(tmp_path: Path) -> None:
         assert link[case]["median"] >= link["rtt_ms"], case  # a round trip is the floor
     assert _positive(link["floor_bare_client_median_ms"])
 
+    failover = results["failover"]
+    for phase in ("before", "during", "after"):
+        assert failover[phase]["queries"] > 0 and _positive(failover[phase]["p99_ms"]), phase
+    assert failover["servfail_total"] >= 0 and "Several upstreams" in done.stdout
+
     memory = results["memory"]
     assert memory["answers"]["valid"]
     assert _positive(memory["rss_mb"])

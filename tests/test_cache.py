@@ -283,14 +283,24 @@ async def test_unusual_queries_still_validated() -> None:
 
 
 async def test_hit_through_the_long_way() -> None:
-    """A valid query the fast path declines (an extra record) still hits."""
+    """A query that skips the fast path (the DoQ front end, tests) still hits."""
     resolver, upstream, clock, cache = setup()
     await resolver.resolve(make_query("www.example."), udp=True)
     clock.advance(3)
     message = dns.message.make_query("wWw.example.", "A", use_edns=0)
     message.id = 555
-    message.additional.append(dns.rrset.from_text("x.example.", 1, "IN", "A", "192.0.2.3"))
-    reply = await ask(resolver, message.to_wire())
+    data = message.to_wire()
+    reply = dns.message.from_wire(await resolver.forward(data, wire.parse_question(data), udp=True))
     assert reply.id == 555 and reply.answer[0].ttl == 297
     assert reply.question[0].name.to_text() == "wWw.example."
     assert len(upstream.calls) == 1 and cache.stats.hits == 1
+
+
+async def test_a_query_carrying_records_is_formerr_not_a_hit() -> None:
+    resolver, upstream, _clock, cache = setup()
+    await resolver.resolve(make_query("www.example."), udp=True)
+    message = dns.message.make_query("www.example.", "A", use_edns=0)
+    message.additional.append(dns.rrset.from_text("x.example.", 1, "IN", "A", "192.0.2.3"))
+    reply = await ask(resolver, message.to_wire())
+    assert reply.rcode() == dns.rcode.FORMERR and not reply.answer
+    assert len(upstream.calls) == 1 and cache.stats.hits == 0

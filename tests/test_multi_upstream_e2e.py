@@ -220,9 +220,9 @@ async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
     await run(proxy, "up", 5)
     before = await scrape(metrics_port)
     fast = (("upstream", rig.paths[0].url),)
-    assert before[("doqproxy_upstream_answers_total", fast)] >= 5
-    # the first query may have explored another upstream
-    assert before[("doqproxy_upstream_queries_sent_total", fast)] >= 5
+    answers = before[("doqproxy_upstream_answers_total", fast)]
+    assert answers >= 3
+    assert before[("doqproxy_upstream_queries_sent_total", fast)] >= answers
     assert before[("doqproxy_upstream_state", (("state", "up"), *fast))] == 1
     assert before[("doqproxy_upstream_state", (("state", "backoff"), *fast))] == 0
     assert 0 < before[("doqproxy_upstream_srtt_seconds", fast)] < 1
@@ -236,7 +236,7 @@ async def test_all_down_is_servfail_with_ede_22_naming_each(rig: Rig) -> None:
     assert elapsed < 2 + 1.0
     (ede,) = [o for o in reply.options if o.otype == dns.edns.EDE]
     ede = cast(dns.edns.EDEOption, ede)
-    assert ede.code == 22, proxy.stderr()[-2000:]
+    assert ede.code == 22, (ede.text, proxy.stderr()[-3000:])
     text = ede.text or ""
     for path in rig.paths:
         assert f"127.0.0.1:{path.port}" in text, text
@@ -264,9 +264,11 @@ async def test_restart_first_query_goes_to_the_fastest_as_0rtt(rig: Rig) -> None
     assert proxy.stop() == 0
     saved = json.loads((state / "upstreams.json").read_text())["upstreams"]
     assert stat.S_IMODE((state / "upstreams.json").stat().st_mode) == 0o600
-    srtts = {url: saved[url]["srtt"] for url in (p.url + "" for p in rig.paths)}
-    assert min(srtts, key=lambda u: srtts[u]) == f"{fast.url}"
-    early_before = fast.server.state.early_accepted
+    srtts = {p.url: saved[p.url]["srtt"] for p in rig.paths}
+    assert min(srtts, key=lambda u: srtts[u]) == fast.url
+    tickets = json.loads((state / "tickets.json").read_text())["tickets"]
+    assert len(tickets) == 3, "each upstream keeps its own tickets in the one file"
+    early_before = [p.server.state.early_accepted for p in rig.paths]
     proxy = rig.start(order=(2, 1, 0))
     reply = await ask(proxy.port, "first.test.")
     assert reply.rcode() == dns.rcode.NXDOMAIN
@@ -275,7 +277,18 @@ async def test_restart_first_query_goes_to_the_fastest_as_0rtt(rig: Rig) -> None
         s for s in fast.server.state.seen if s.message.question[0].name.to_text() == "first.test."
     ]
     assert first and first[0].early, "the first query after the restart was not 0-RTT"
-    assert fast.server.state.early_accepted == early_before + 1
+    # The answer to early data can arrive before the handshake ends on the server's side.
+    await wait_for(
+        lambda: fast.server.state.early_accepted == early_before[0] + 1, what="0-RTT accepted"
+    )
+    # The others were asked on the side (exploration), each as 0-RTT on its first connection.
+    await wait_for(
+        lambda: all(
+            p.server.state.early_accepted == before + 1
+            for p, before in zip(rig.paths, early_before, strict=True)
+        ),
+        what="0-RTT to every upstream",
+    )
 
 
 async def test_sighup_keeps_the_pools_of_unchanged_upstreams(rig: Rig) -> None:
@@ -358,3 +371,31 @@ def test_bad_upstream_options_are_one_line(args: list[str], message: str) -> Non
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_shows_upstreams_and_strategy(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'upstream-strategy = "parallel"\nhedge-delay-max = 0.3\n'
+        '[[upstream]]\nurl = "quic://192.0.2.1"\n'
+        '[[upstream]]\nurl = "quic://192.0.2.2:8853"\ntls-server-name = "dns.example"\n'
+    )
+    env = dict(os.environ, DOQPROXY_PARALLEL_UPSTREAMS="3")
+    done = subprocess.run(
+        doqproxy_command("check-config", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert (
+        'upstream = ["quic://192.0.2.1", "quic://192.0.2.2:8853?tls-server-name=dns.example"]'
+        "  # config file"
+    ) in lines
+    assert 'upstream-strategy = "parallel"  # config file' in lines
+    assert "parallel-upstreams = 3  # DOQPROXY_PARALLEL_UPSTREAMS" in lines
+    assert "hedge-delay-max = 0.3  # config file" in lines
+    assert "hedge-delay-min = 0.05  # default" in lines
+    assert "no-hedging = false  # default" in lines

@@ -66,6 +66,7 @@ def test_key_that_is_not_pem(certs: ServeCerts, zone: str, tmp_path: Path) -> No
         ("quic://127.0.0.1", "unknown scheme"),
         ("127.0.0.1:53", "expected a URL"),
         ("udp://127.0.0.1:99999", "port"),
+        ("udp://127.0.0.1:[[x", "Invalid IPv6 URL"),  # found by fuzz/targets.py
     ],
 )
 def test_bad_upstream_url(certs: ServeCerts, upstream: str, needle: str) -> None:

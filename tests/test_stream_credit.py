@@ -107,7 +107,7 @@ async def test_pool_never_puts_more_queries_on_a_connection_than_its_credit(
         while True:
             for conn in pool.connections:
                 if conn.usable:
-                    blocked.append(len(conn.quic._streams_blocked_bidi))
+                    blocked.append(len(conn.session.quic._streams_blocked_bidi))
             await asyncio.sleep(0.01)
 
     watcher = asyncio.ensure_future(watch())

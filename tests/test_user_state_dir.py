@@ -1,8 +1,10 @@
 """``forward --user``: the state dir is made usable by the target user before root is
-given up (tickets then persist), or a one-line warning says why not."""
+given up (tickets then persist); a directory the admin chose and the user does not own
+is refused with one line instead of silently losing the tickets."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import shutil
@@ -15,7 +17,7 @@ import dns.asyncquery
 import dns.message
 import pytest
 
-from .conftest import Certs, ProxyProcess
+from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
 from .nobody import NobodyPython
 
@@ -60,17 +62,23 @@ async def test_missing_state_dir_is_created_for_the_user(
     assert "WARNING" not in proxy.stderr()
 
 
-async def test_foreign_state_dir_gets_a_warning(
-    upstream: DoqTestUpstream, start_proxy: StartProxy, shared: Path, nobody_python: NobodyPython
+async def test_foreign_state_dir_is_refused_in_one_line(
+    upstream: DoqTestUpstream, shared: Path, nobody_python: NobodyPython, tmp_path: Path
 ) -> None:
     state = shared / "roots"
     state.mkdir(mode=0o700)
-    proxy = start_proxy(
-        upstream.port, "--user", "nobody", "--state-dir", str(state),
-        ca_file=str(shared / "ca.pem"), python=nobody_python,
-    )  # fmt: skip
-    await _ask(proxy)
-    assert proxy.stop() == 0
-    warnings = [line for line in proxy.stderr().splitlines() if "state dir" in line]
-    assert len(warnings) == 1 and "not writable by nobody" in warnings[0], proxy.stderr()
+    port = free_port()
+    args = [
+        "forward", "-l", f"127.0.0.1:{port}", "-u", f"quic://127.0.0.1:{upstream.port}",
+        "--tls-ca-file", str(shared / "ca.pem"), "--tls-server-name", SERVER_NAME,
+        "--user", "nobody", "--state-dir", str(state),
+    ]  # fmt: skip
+    proxy = ProxyProcess(args, port, tmp_path / "proxy.log", nobody_python)
+    for _ in range(300):
+        if proxy.proc.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.stop() == 1
+    lines = proxy.stderr().strip().splitlines()
+    assert "owned by uid 0" in lines[-1] and str(state) in lines[-1], lines
     assert state.stat().st_uid == 0, "an admin's directory is never handed over"

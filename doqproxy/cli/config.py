@@ -82,6 +82,8 @@ def read_file(path: str, command: click.Command, ctx: click.Context) -> dict[str
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # found by fuzz/targets.py
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
     raw = _flatten_upstream(path, raw)
     raw = _flatten_routes(path, raw)
     params = file_params(command)

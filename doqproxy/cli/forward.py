@@ -27,10 +27,16 @@ from doqproxy.net.sockets import ListenError
 from doqproxy.net.stamps import StampError
 from doqproxy.ops import process, systemd
 from doqproxy.ops.control import OpsSettings
-from doqproxy.ops.privileges import PrivilegeError, drop_privileges, prepare_state_dir
+from doqproxy.ops.privileges import (
+    PrivilegeError,
+    drop_privileges,
+    prepare_state_dir,
+    warn_if_root,
+)
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.bootstrap import BootstrapError, check_no_loop
 from doqproxy.upstream.targets import Target
+from doqproxy.upstream.tickets import StateDirError, check_state_dir
 
 
 @click.command(cls=config.ConfigCommand)
@@ -187,6 +193,7 @@ def forward(
             upstream_names(settings),
             [(a.host, a.port) for a in settings.listen],
             bootstrap=bool(settings.routing.bootstrap),
+            servers=settings.routing.bootstrap,
         )
     except BootstrapError as exc:
         raise click.ClickException(str(exc)) from None
@@ -210,6 +217,12 @@ def forward(
             drop_privileges(user)
         except PrivilegeError as exc:
             raise click.ClickException(str(exc)) from None
+    warn_if_root()
+    try:
+        if settings.state_dir is not None:
+            check_state_dir(settings.state_dir)
+    except StateDirError as exc:
+        raise click.ClickException(str(exc)) from None
     reload = config.reloader()
     raise SystemExit(process.run(lambda: forwarder.serve(settings, sockets, reload)))
 

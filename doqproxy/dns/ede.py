@@ -11,6 +11,7 @@ class Ede(enum.IntEnum):
     OTHER = 0
     STALE_ANSWER = 3
     NOT_READY = 14
+    PROHIBITED = 18
     NO_REACHABLE_AUTHORITY = 22
     NETWORK_ERROR = 23
     INVALID_DATA = 24

@@ -28,8 +28,16 @@ REPLAYABLE_OPCODES = frozenset({wire.OPCODE_QUERY, wire.OPCODE_NOTIFY})
 TOO_EARLY_TEXT = "not replayable, send it after the handshake"
 
 
-def admit(message: bytes, *, early: bool) -> bytes | None:
-    """Check one complete DoQ query; see the module docstring for the three outcomes."""
+NOTIFY_REFUSED_TEXT = "NOTIFY not accepted from this client"
+
+
+def admit(message: bytes, *, early: bool, notify: bool = True) -> bytes | None:
+    """Check one complete DoQ query; see the module docstring for the three outcomes.
+
+    With ``notify=False`` (the client is not a listed NOTIFY source), NOTIFY is
+    answered REFUSED rather than passed to the backend, which would see it coming
+    from us.
+    """
     if len(message) >= 2 and wire.get_id(message) != 0:
         raise framing.DoqProtocolError(f"message ID {wire.get_id(message)}, must be 0")
     try:
@@ -40,6 +48,10 @@ def admit(message: bytes, *, early: bool) -> bytes | None:
     framing.check_doq_query(question)
     if early and question.opcode not in REPLAYABLE_OPCODES:
         return wire.error_reply(question, wire.RCODE_REFUSED, ede=(Ede.TOO_EARLY, TOO_EARLY_TEXT))
+    if question.opcode == wire.OPCODE_NOTIFY and not notify:
+        return wire.error_reply(
+            question, wire.RCODE_REFUSED, ede=(Ede.PROHIBITED, NOTIFY_REFUSED_TEXT)
+        )
     return None
 
 
@@ -67,15 +79,23 @@ class DoqServerStats:
     connections: int = 0
     """Connections accepted."""
     active: int = 0
-    """Connections open now."""
+    """Connections established now."""
+    handshaking: int = 0
+    """Handshakes under way now."""
     refused: int = 0
-    """Connections refused because ``max_connections`` were open."""
+    """Connections refused before any TLS work (see :mod:`doqproxy.doq.admission`)."""
+    retries: int = 0
+    """Retry packets sent to validate a client's address."""
+    handshake_timeouts: int = 0
+    """Connections closed because their handshake did not complete in time."""
     streams: int = 0
     """Queries read completely."""
     early_queries: int = 0
     """Of those, how many arrived as 0-RTT data."""
     too_early: int = 0
     """Queries refused with EDE 26 because they arrived as 0-RTT data."""
+    refused_queries: int = 0
+    """Queries answered REFUSED here: too early, or NOTIFY from a client not listed."""
     stream_timeouts: int = 0
     """Streams reset because the query did not arrive within the read deadline."""
     streams_cancelled: int = 0

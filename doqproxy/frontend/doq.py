@@ -12,8 +12,14 @@ complete query). Per connection:
 - protocol violations close the connection with DOQ_PROTOCOL_ERROR;
 - at most ``max_streams`` streams are open at once: the client's extra streams
   wait for credit, which comes back as streams finish (MAX_STREAMS);
-- beyond ``max_connections``, a new connection is closed at once with the QUIC
-  transport error CONNECTION_REFUSED, before any TLS work is sent back;
+- new connections are weighed before any TLS work (:mod:`doqproxy.doq.admission`,
+  :mod:`doqproxy.frontend.doq_guard`): caps on established connections, on
+  half-open handshakes, per client address and per prefix; a refusal is a bare
+  CONNECTION_REFUSED close, and past a number of half-open handshakes new
+  clients must answer a Retry first;
+- a handshake gets ``handshake_timeout`` seconds (not the idle timeout) to
+  complete; then the connection is closed and its slot freed;
+- NOTIFY is answered REFUSED unless the client is in ``notify_from``;
 - shutdown closes every connection with DOQ_NO_ERROR; an idle timeout closes
   silently, as QUIC does.
 """
@@ -22,22 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import NetworkAddress, QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode
 
 from doqproxy.dns import rewrite
 from doqproxy.doq import framing, server_rules
+from doqproxy.doq.admission import Admission, AdmissionLimits
 from doqproxy.doq.framing import DoqError
 from doqproxy.doq.server_rules import DoqServerStats
+from doqproxy.frontend.doq_guard import GuardedQuicServer
 from doqproxy.frontend.ticket_store import TicketStore
 from doqproxy.net.addresses import HostPort
 from doqproxy.resolver import Resolver
@@ -56,9 +63,13 @@ class DoqListenerConfig:
     idle_timeout: float = 30.0
     max_streams: int = 128
     """Streams a client may have open at once on one connection."""
-    max_connections: int = 1000
-    retry: bool = False
-    """Validate client addresses with a stateless Retry before any handshake."""
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
+    """Caps on connections and handshakes, and when to send a Retry."""
+    handshake_timeout: float = 5.0
+    """Seconds a new connection has to complete its handshake."""
+    notify_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    """Clients that may send NOTIFY; others get REFUSED. ``None``: no restriction (for a
+    backend that answers NOTIFY itself, with NOTIMP)."""
     ticket_lifetime: float = 86400.0
     """Seconds a session ticket stays valid; 0 turns tickets (and 0-RTT) off."""
     stream_timeout: float = 5.0
@@ -129,11 +140,17 @@ class _Stream:
 class DoqConnection(QuicConnectionProtocol):
     """One client's QUIC connection: reads queries from streams, writes answers back."""
 
-    def __init__(self, quic: QuicConnection, listener: DoqListener, *, refuse: bool) -> None:
+    def __init__(self, quic: QuicConnection, listener: DoqListener, client: str) -> None:
         super().__init__(quic)
         self._listener = listener
         self._stats = listener.stats
-        self._refuse = refuse
+        self.client = client
+        self.counted: str | None = "half-open"
+        """How the listener counts this connection: half-open, established, or not at all."""
+        self._handshake_timer = self._loop.call_later(
+            listener.config.handshake_timeout, self._on_handshake_timeout
+        )
+        self._may_notify = listener.may_notify(client)
         self._handshake_done = False
         self._sent_code: int | None = None
         self._terminated = False
@@ -142,28 +159,20 @@ class DoqConnection(QuicConnectionProtocol):
 
     # --- driven by aioquic --------------------------------------------------
 
-    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
-        if self._refuse:
-            # The first datagram sets up the Initial keys; the close goes out in them.
-            self._refuse = False
-            self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
-            self._sent_code = QuicErrorCode.CONNECTION_REFUSED
-            self._quic.close(
-                error_code=QuicErrorCode.CONNECTION_REFUSED,
-                frame_type=QuicFrameType.PADDING,
-                reason_phrase="too many connections",
-            )
-            self._process_events()
-            self.transmit()
-            return
-        super().datagram_received(data, addr)
-
     def quic_event_received(self, event: events.QuicEvent) -> None:
         # Deliberately no super(): the default keeps a StreamReader per stream forever.
         if isinstance(event, events.StreamDataReceived):
             self._on_stream_data(event)
         elif isinstance(event, events.HandshakeCompleted):
             self._handshake_done = True
+            self._handshake_timer.cancel()
+            if not self._listener.handshake_completed(self):
+                self._sent_code = QuicErrorCode.CONNECTION_REFUSED
+                self._quic.close(
+                    error_code=QuicErrorCode.CONNECTION_REFUSED,
+                    reason_phrase="too many connections",
+                )
+                self._cancel_all()
         elif isinstance(event, events.StreamReset | events.StopSendingReceived):
             self._on_stream_cancelled(event.stream_id)
         elif isinstance(event, events.ConnectionTerminated):
@@ -176,6 +185,17 @@ class DoqConnection(QuicConnectionProtocol):
         self._close(DoqError.NO_ERROR, "server shutting down")
 
     # --- internals ------------------------------------------------------------
+
+    def _on_handshake_timeout(self) -> None:
+        if self._handshake_done or self._terminated:
+            return
+        self._stats.handshake_timeouts += 1
+        log.debug("handshake from %s not complete in time, closing", self.client)
+        self._listener.connection_ended(self)  # the slot is free now, not after draining
+        self._sent_code = QuicErrorCode.CONNECTION_REFUSED
+        self._quic.close(error_code=QuicErrorCode.NO_ERROR, reason_phrase="handshake timeout")
+        self._cancel_all()
+        self.transmit()
 
     def _on_stream_data(self, event: events.StreamDataReceived) -> None:
         sid = event.stream_id
@@ -210,7 +230,7 @@ class DoqConnection(QuicConnectionProtocol):
 
     def _dispatch(self, sid: int, message: bytes, early: bool) -> None:
         try:
-            early_reply = server_rules.admit(message, early=early)
+            early_reply = server_rules.admit(message, early=early, notify=self._may_notify)
         except framing.DoqProtocolError as exc:
             self._protocol_error(str(exc))
             return
@@ -218,7 +238,10 @@ class DoqConnection(QuicConnectionProtocol):
         if early:
             self._stats.early_queries += 1
         if early_reply is not None:
-            self._stats.too_early += 1
+            if server_rules.TOO_EARLY_TEXT.encode() in early_reply:
+                self._stats.too_early += 1
+            else:
+                self._stats.refused_queries += 1
             self._send(sid, early_reply)
             return
         task = asyncio.create_task(self._answer(sid, message))
@@ -310,6 +333,7 @@ class DoqConnection(QuicConnectionProtocol):
 
     def _on_terminated(self, event: events.ConnectionTerminated) -> None:
         self._terminated = True
+        self._handshake_timer.cancel()
         self._cancel_all()
         self._listener.connection_ended(self)
         if self._sent_code is not None:
@@ -344,22 +368,28 @@ class DoqListener:
             TicketStore(self.config.ticket_lifetime) if self.config.ticket_lifetime > 0 else None
         )
         self._quic_configuration = quic_configuration
+        self.admission = Admission(self.config.admission)
         self._connections: set[DoqConnection] = set()
         self._transport: asyncio.DatagramTransport | None = None
         self.address: tuple[str, int] | None = None
 
-    async def start(self, address: HostPort) -> tuple[str, int]:
-        """Bind and start serving; return the bound (host, port)."""
-        sock = bind_udp(address, reuseport=self.config.reuseport)
+    async def start(self, address: HostPort | socket.socket) -> tuple[str, int]:
+        """Start serving on ``address`` (or a socket bound already); return (host, port)."""
+        if isinstance(address, socket.socket):
+            sock = address
+        else:
+            sock = bind_udp(address, reuseport=self.config.reuseport)
         loop = asyncio.get_running_loop()
         tickets = self.tickets
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: QuicServer(
+            lambda: GuardedQuicServer(
+                admission=self.admission,
+                create_connection=self._new_connection,
+                on_refused=self._refused,
+                on_retry=self._update_counts,
                 configuration=self._quic_configuration,
-                create_protocol=self._new_connection,
                 session_ticket_fetcher=tickets.pop if tickets is not None else None,
                 session_ticket_handler=tickets.add if tickets is not None else None,
-                retry=self.config.retry,
             ),
             sock=sock,
         )
@@ -368,25 +398,60 @@ class DoqListener:
         self.address = (host, port)
         return self.address
 
-    def _new_connection(self, quic: QuicConnection, stream_handler: object = None) -> DoqConnection:
+    def may_notify(self, client: str) -> bool:
+        """Whether ``client`` may send NOTIFY (``notify_from``)."""
+        if self.config.notify_from is None:
+            return True
+        try:
+            address = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.config.notify_from)
+
+    def _new_connection(self, quic: QuicConnection, client: str) -> DoqConnection:
         # aioquic hard-codes 128 bidirectional streams; set ours before the first
         # datagram, i.e. before the transport parameters are written.
         limit = quic._local_max_streams_bidi
         limit.value = limit.sent = self.config.max_streams
-        refuse = len(self._connections) >= self.config.max_connections
-        connection = DoqConnection(quic, self, refuse=refuse)
-        if refuse:
-            self.stats.refused += 1
-            log.info("refusing a connection: %d open", len(self._connections))
-        else:
-            self._connections.add(connection)
-            self.stats.connections += 1
-            self.stats.active = len(self._connections)
+        connection = DoqConnection(quic, self, client)
+        self.admission.opened(client)
+        self._connections.add(connection)
+        self.stats.connections += 1
+        self._update_counts()
         return connection
 
+    def _refused(self, client: str, reason: str) -> None:
+        self.stats.refused += 1
+        refused = self.stats.refused
+        if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th...: no flood of lines
+            log.info("refused a connection from %s: %s (%d so far)", client, reason, refused)
+
+    def handshake_completed(self, connection: DoqConnection) -> bool:
+        """Count ``connection`` as established; False if that goes over max_connections."""
+        if connection.counted != "half-open":
+            return False
+        self.admission.handshake_done()
+        connection.counted = "established"
+        self._update_counts()
+        if self.admission.established > self.config.admission.max_connections:
+            self.stats.refused += 1
+            self.connection_ended(connection)
+            return False
+        return True
+
     def connection_ended(self, connection: DoqConnection) -> None:
+        if connection.counted is not None:
+            self.admission.closed(
+                connection.client, established=connection.counted == "established"
+            )
+            connection.counted = None
         self._connections.discard(connection)
-        self.stats.active = len(self._connections)
+        self._update_counts()
+
+    def _update_counts(self) -> None:
+        self.stats.active = self.admission.established
+        self.stats.handshaking = self.admission.half_open
+        self.stats.retries = self.admission.retries
 
     async def aclose(self) -> None:
         """Close every connection with DOQ_NO_ERROR, then the socket and the resolver."""

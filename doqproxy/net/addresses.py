@@ -84,7 +84,10 @@ def parse_upstream(text: str, schemes: tuple[str, ...] = ("quic",)) -> UpstreamU
             f"upstream {text!r}: expected a URL like {schemes[0]}://dns.example"
             f"[:{SCHEME_PORTS[schemes[0]]}]"
         )
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # "Invalid IPv6 URL" for stray brackets (found by fuzzing)
+        raise AddressError(f"upstream {text!r}: {exc}") from None
     if parts.scheme not in schemes:
         wanted = " or ".join(f"{s}://" for s in schemes)
         raise AddressError(f"upstream {text!r}: unknown scheme {parts.scheme!r}, use {wanted}")
@@ -97,4 +100,10 @@ def parse_upstream(text: str, schemes: tuple[str, ...] = ("quic",)) -> UpstreamU
     host = parts.hostname
     if not host:
         raise AddressError(f"upstream {text!r}: no host")
+    if not host.isascii():
+        # An internationalised name: TLS (SNI, the certificate) and DNS use its A-label.
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise AddressError(f"upstream {text!r}: {host!r} is not a valid host name") from None
     return UpstreamUrl(parts.scheme, host, port or SCHEME_PORTS[parts.scheme])

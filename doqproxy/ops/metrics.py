@@ -10,7 +10,6 @@ and copies dicts, both atomic under the GIL.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from doqproxy.frontend.admission import AdmissionStats
 from doqproxy.frontend.tcp import TcpStats
 from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
+from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
 from doqproxy.upstream import doq_connection
 from doqproxy.upstream.group import Member, UpstreamGroup
@@ -73,15 +73,6 @@ def counters(
         metric = CounterMetricFamily(f"{prefix}_{name}", text, labels=[label[0]] if label else None)
         metric.add_metric([label[1]] if label else [], value)
         yield metric
-
-
-def event_loop_name() -> str:
-    """``uvloop`` or ``asyncio``: the event loop running in the calling thread."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "none"
-    return "uvloop" if type(loop).__module__.partition(".")[0] == "uvloop" else "asyncio"
 
 
 def quic_engine() -> str:
@@ -397,7 +388,14 @@ class ServeCollector(Collector):
             "doqproxy_serve",
             (
                 ("connections", stats.connections, "Connections accepted."),
-                ("refused", stats.refused, "Connections refused at --max-connections."),
+                ("refused", stats.refused, "Connections refused before any TLS work (caps)."),
+                ("retries", stats.retries, "Retry packets sent to validate client addresses."),
+                (
+                    "handshake_timeouts",
+                    stats.handshake_timeouts,
+                    "Connections closed at --handshake-timeout.",
+                ),
+                ("refused_queries", stats.refused_queries, "Queries refused (0-RTT, NOTIFY)."),
                 ("queries", stats.streams, "Queries read completely."),
                 ("early_queries", stats.early_queries, "Queries that arrived as 0-RTT data."),
                 ("too_early", stats.too_early, "0-RTT queries refused with EDE 26."),
@@ -413,6 +411,9 @@ class ServeCollector(Collector):
         active = GaugeMetricFamily("doqproxy_serve_active_connections", "Open connections.")
         active.add_metric([], stats.active)
         yield active
+        handshaking = GaugeMetricFamily("doqproxy_serve_handshakes", "Handshakes under way.")
+        handshaking.add_metric([], stats.handshaking)
+        yield handshaking
 
 
 class MetricsServer:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import grp
 import importlib
+import logging
 import os
 import pwd
 import stat
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PRELOAD = ("concurrent.futures.thread", "encodings.idna", "stringprep")
 """Standard-library modules imported lazily at run time (getaddrinfo and to_thread use
@@ -33,8 +36,9 @@ def prepare_state_dir(path: Path, user: str, *, default: bool) -> str | None:
 
     A missing directory is created (mode 0700) and given to the user. An existing
     one is handed over only when it is doqproxy's own default and still root's;
-    any other directory is left as the admin made it, with a warning if the user
-    cannot write it (tickets would then never persist).
+    any other directory is left as the admin made it, and the state-dir check
+    that runs as the user (:func:`doqproxy.upstream.tickets.check_state_dir`)
+    refuses it with one line if the user does not own it.
     """
     entry = lookup_user(user)
     uid, gid = entry.pw_uid, entry.pw_gid
@@ -46,27 +50,11 @@ def prepare_state_dir(path: Path, user: str, *, default: bool) -> str | None:
             if default and info.st_uid == 0 and stat.S_ISDIR(info.st_mode):
                 os.chown(path, uid, gid, follow_symlinks=False)
                 os.chmod(path, 0o700)
-            elif not _writable_by(info, uid, gid):
-                return (
-                    f"state dir {path} is not writable by {user}: session tickets will not "
-                    f"persist (chown {user} {path}, or choose another --state-dir)"
-                )
         else:
             os.chown(path, uid, gid)
     except OSError as exc:
         return f"cannot prepare state dir {path} for {user}: {exc.strerror or exc}"
     return None
-
-
-def _writable_by(info: os.stat_result, uid: int, gid: int) -> bool:
-    if not stat.S_ISDIR(info.st_mode):
-        return False
-    mode = info.st_mode
-    if info.st_uid == uid:
-        return mode & 0o300 == 0o300
-    if info.st_gid == gid:
-        return mode & 0o030 == 0o030
-    return mode & 0o003 == 0o003
 
 
 def drop_privileges(user: str) -> tuple[int, int]:
@@ -106,3 +94,14 @@ def group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def warn_if_root() -> bool:
+    """Log a WARNING when the process still runs as root (after any ``--user``); say if so."""
+    if os.geteuid() != 0:
+        return False
+    log.warning(
+        "running as root: a bug in doqproxy or a library would have the whole machine; "
+        "use --user NAME (or systemd User=/DynamicUser=)"
+    )
+    return True

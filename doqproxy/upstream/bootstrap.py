@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
+import dns.exception
 import dns.message
 import dns.rdatatype
 
@@ -109,6 +110,9 @@ class Bootstrap:
                     )
             except (TimeoutError, UpstreamError) as exc:
                 errors.append(f"{server.name}: {exc or 'timeout'}")
+                continue
+            except dns.exception.DNSException as exc:  # a malformed answer
+                errors.append(f"{server.name}: bad answer ({exc})")
                 continue
             addresses = [a for found, _ in results for a in found]
             ttls = [ttl for found, ttl in results if found]
@@ -196,6 +200,7 @@ def check_no_loop(
     *,
     bootstrap: bool,
     nameservers: list[str] | None = None,
+    servers: Iterable[str] = (),
 ) -> None:
     """Refuse to start when an upstream name would be resolved through ourselves.
 
@@ -204,7 +209,21 @@ def check_no_loop(
     has no ports). Raises :class:`BootstrapError` with what to add.
     """
     names = sorted({h for h in upstream_hosts if not is_ip_literal(h)})
-    if bootstrap or not names:
+    if not names:
+        return
+    for text in servers:  # ``IP:PORT`` of --bootstrap: one of our own listeners?
+        url = _server_url(text)
+        target = ipaddress.ip_address(url.host)
+        for host, port in listen:
+            mine = ipaddress.ip_address(host)
+            if port == url.port and (
+                target == mine or (mine.is_unspecified and target.is_loopback)
+            ):
+                raise BootstrapError(
+                    f"--bootstrap {text} is doqproxy itself, so it cannot look up "
+                    f"{names[0]}: name another DNS server (e.g. your router or 9.9.9.9)"
+                )
+    if bootstrap:
         return
     ours = {ipaddress.ip_address(host) for host, port in listen if port == 53}
     unspecified = {a for a in ours if a.is_unspecified}

@@ -121,6 +121,7 @@ class UpstreamGroup:
             if hasattr(member.upstream, "on_handshake"):
                 member.upstream.on_handshake = self._handshake_hook(member)
         self._turn = 0
+        self.hedge_budget = selection.HedgeBudget()
         self._side: dict[Member, asyncio.Task[None]] = {}
         self._saver: asyncio.Task[None] | None = None
 
@@ -135,6 +136,13 @@ class UpstreamGroup:
         """The group's own deadline: a little under the resolver's, so that a failure
         names every upstream instead of ending in the resolver's plain timeout."""
         return max(0.05, self.timeout - min(0.25, self.timeout / 10))
+
+    @property
+    def side_trip_limit(self) -> float:
+        """How long a probe or an exploration may take before it counts as a timeout:
+        an upstream that slow would not be chosen anyway, and a short limit lets a
+        dead one reach backoff (and a recovered one come back) in a few seconds."""
+        return min(self.budget, max(1.0, 2 * self.settings.hedge_max))
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -209,10 +217,15 @@ class UpstreamGroup:
             parallel=settings.parallel,
         )
         self._turn += 1
+        self.hedge_budget.earn()
+        for member in members:
+            member.health.unmeasured += 1
+        hedging = settings.hedge
         order = [members[i] for i in plan.order]
         running: dict[asyncio.Task[bytes], _Attempt] = {}
         errors: dict[Member, str] = {}
         fallback: bytes | None = None
+        fallback_from: Member | None = None
         second_chance = True
         position = 0
         last: _Attempt | None = None
@@ -241,13 +254,13 @@ class UpstreamGroup:
                             second_chance = False
                             launch(hedge=False)
                             continue
-                        return fallback
+                        break
                     if not can_launch:
                         break
                     launch(hedge=False)  # the last one failed: the next one at once
                     continue
                 wake = deadline
-                if can_launch and last is not None:
+                if can_launch and hedging and last is not None:
                     hedge = selection.hedge_delay(last.member.health, settings)
                     wake = min(wake, last.started + hedge)
                 done, _ = await asyncio.wait(
@@ -258,8 +271,12 @@ class UpstreamGroup:
                 if not done:
                     if self.clock() >= deadline:
                         break
-                    if can_launch:  # else the wait ended a hair before the deadline
+                    if wake >= deadline:
+                        continue  # the timer fired a hair early: wait out the rest
+                    if self.hedge_budget.spend():
                         launch(hedge=True)
+                    else:
+                        hedging = False  # over budget: this query waits, or fails over
                     continue
                 for task in done:
                     attempt = running.pop(task)
@@ -269,14 +286,15 @@ class UpstreamGroup:
                     if attempt.member in errors:  # SERVFAIL or REFUSED: ask one other
                         if fallback is None and running:
                             second_chance = False  # one still running is the other
-                        fallback = answer
+                        fallback, fallback_from = answer, attempt.member
                         continue
                     attempt.member.stats.races_won += position > 1
                     self._cancel_losers(running)
                     running.clear()
                     _tell_caller(attempt.member)
                     return answer
-            if fallback is not None:
+            if fallback is not None and fallback_from is not None:
+                _tell_caller(fallback_from)
                 return fallback
             now = self.clock()
             for attempt in running.values():
@@ -294,6 +312,9 @@ class UpstreamGroup:
         recording why it failed."""
         member = attempt.member
         now = self.clock()
+        if task.cancelled():  # closed under us (a reload retired it): no verdict on health
+            errors[member] = "cancelled"
+            return None
         exc = task.exception()
         if exc is None:
             answer = task.result()
@@ -367,11 +388,12 @@ class UpstreamGroup:
         assert member.call is not None
         member.stats.queries_sent += 1
         started = self.clock()
+        limit = self.side_trip_limit
         try:
-            async with asyncio.timeout(self.budget):
+            async with asyncio.timeout(limit):
                 answer = await member.call.query(message, question)
         except TimeoutError:
-            text = f"no answer within {self.budget:.1f}s"
+            text = f"no answer within {limit:.1f}s"
             member.health.failed(Reason.TIMEOUT, text, self.clock())
         except UpstreamError as exc:
             member.health.failed(classify(str(exc), exc.ede), str(exc), self.clock())

@@ -101,6 +101,8 @@ class Health:
     probe_started: float = 0.0
     last_sample: float = -math.inf
     """When the last RTT sample was taken (for exploration)."""
+    unmeasured: int = 0
+    """Queries the group answered since the last RTT sample (for exploration)."""
     last_error: str = ""
     failures: dict[Reason, int] = field(default_factory=dict)
 
@@ -116,6 +118,7 @@ class Health:
             alpha = settings.alpha if rtt >= self.srtt else settings.alpha_down
             self.srtt += alpha * (rtt - self.srtt)
         self.last_sample = now
+        self.unmeasured = 0
 
     def slower_than(self, elapsed: float, now: float) -> None:
         """No answer after ``elapsed`` seconds, when another upstream's answer won.

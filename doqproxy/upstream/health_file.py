@@ -69,10 +69,11 @@ class HealthFile:
             backoffs = int(record.get("backoffs", 0))
             retry_in = float(record.get("retry_in", 0.0)) - (time.time() - float(record["saved"]))
             last_error = str(record.get("last_error", ""))[:200]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             log.warning("%s: ignoring the entry for %s: %s", self.path, name, exc)
             return
         health.srtt = srtt
+        health.unmeasured = 1 << 30  # measured before the restart: refresh on the first query
         health.backoffs = max(0, min(backoffs, 30))
         health.last_error = last_error
         if state is not State.UP:

@@ -43,7 +43,10 @@ class SelectionSettings:
     hedge_min: float = 0.05
     hedge_max: float = 0.5
     explore_interval: float = 1.0
-    """Seconds after which an upstream's RTT is measured again with a side trip."""
+    """Seconds after which an upstream's RTT is measured again with a side trip..."""
+    explore_every: int = 50
+    """...once this many queries went elsewhere meanwhile: at most 2% extra queries
+    per upstream, and a quiet machine does not copy each query to every upstream."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -70,8 +73,9 @@ def plan(
         key=lambda i: (healths[i].retry_at, i),
     )
     if strategy is Strategy.FASTEST or strategy is Strategy.PARALLEL:
-        # Never measured: try it first once, the side trips measure it soon anyway.
-        up.sort(key=lambda i: (healths[i].srtt if healths[i].srtt is not None else -1.0, i))
+        # Never measured: after the measured ones (in the order given); a side trip
+        # measures it without a client waiting on an upstream that may be slow or dead.
+        up.sort(key=lambda i: (healths[i].srtt is None, healths[i].srtt or 0.0, i))
     elif strategy is Strategy.ROUND_ROBIN and up:
         shift = turn % len(up)
         up = up[shift:] + up[:shift]
@@ -93,6 +97,32 @@ def hedge_delay(health: Health, settings: SelectionSettings) -> float:
     return min(settings.hedge_max, max(settings.hedge_min, settings.hedge_factor * health.srtt))
 
 
+@dataclass(slots=True)
+class HedgeBudget:
+    """Caps hedges at ``ratio`` of all queries, plus a burst of ``burst``.
+
+    When every answer is late because the machine or the network is overloaded,
+    hedging each query would double the load and make things worse; the burst
+    still covers an upstream that stalls all at once (every query in flight to
+    it needs a hedge) until its SRTT has moved traffic away.
+    """
+
+    ratio: float = 0.1
+    burst: float = 100.0
+    tokens: float = 100.0
+
+    def earn(self) -> None:
+        """One query: a little more room for hedges."""
+        self.tokens = min(self.burst, self.tokens + self.ratio)
+
+    def spend(self) -> bool:
+        """Whether a hedge may go out now (and take its share)."""
+        if self.tokens < 1.0 - 1e-9:  # ten tenths may add up to 0.999…
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 def side_trips(
     healths: Sequence[Health],
     now: float,
@@ -104,7 +134,8 @@ def side_trips(
     """(probes, explorations) for this query: indices not in ``chosen`` nor ``busy``.
 
     A probe goes to each upstream whose backoff has run out; an exploration to
-    each ``up`` upstream not measured for ``explore_interval`` seconds. Only
+    each ``up`` upstream never measured, or not measured for ``explore_interval``
+    seconds and ``explore_every`` queries. Only
     ``fastest`` and ``parallel`` explore: the other strategies do not use RTTs.
     """
     probes: list[int] = []
@@ -115,6 +146,15 @@ def side_trips(
             continue
         if health.probe_due(now):
             probes.append(index)
-        elif exploring and health.up and now - health.last_sample >= settings.explore_interval:
+        elif exploring and health.up and _stale(health, now, settings):
             explore.append(index)
     return probes, explore
+
+
+def _stale(health: Health, now: float, settings: SelectionSettings) -> bool:
+    if health.srtt is None:
+        return True
+    return (
+        now - health.last_sample >= settings.explore_interval
+        and health.unmeasured >= settings.explore_every
+    )

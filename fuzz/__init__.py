@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of doqproxy's parsers with atheris (``make fuzz``)."""
