@@ -25,7 +25,16 @@ import pytest
 
 from .conftest import ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
-from .lan_helpers import make_query, sample, scrape, send_raw_udp, tcp_ask, udp_burst, wait_for_line
+from .lan_helpers import (
+    make_query,
+    read_framed,
+    sample,
+    scrape,
+    send_raw_udp,
+    tcp_ask,
+    udp_burst,
+    wait_for_line,
+)
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -294,3 +303,29 @@ def _wait_for(path: Path, timeout: float = 10.0) -> bool:
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return path.exists()
+
+
+async def test_tcp_client_that_reads_late_gets_every_answer(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    """Answers queued while the client is behind (past the 64 KiB high-water mark)
+    all arrive, in full, once it reads: 100 pipelined 16 KB answers, 1.6 MB."""
+    proxy = start_proxy(upstream.port, cache=True)
+
+    def scenario() -> list[int]:
+        with socket.create_connection(("127.0.0.1", proxy.port), 10, ("127.0.5.1", 0)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for i in range(100):
+                data = make_query("big.test.", "TXT", msg_id=i)
+                sock.sendall(struct.pack("!H", len(data)) + data)
+            time.sleep(3.0)  # not reading: the answers pile up on the forwarder's side
+            sock.settimeout(20)
+            ids = []
+            for _ in range(100):
+                reply = dns.message.from_wire(read_framed(sock))
+                assert sum(len(rrset) for rrset in reply.answer) == 64
+                ids.append(reply.id)
+            return ids
+
+    ids = await asyncio.to_thread(scenario)
+    assert sorted(ids) == list(range(100))
