@@ -329,3 +329,11 @@ async def test_tcp_client_that_reads_late_gets_every_answer(
 
     ids = await asyncio.to_thread(scenario)
     assert sorted(ids) == list(range(100))
+
+
+async def test_allow_any_warns_of_an_open_resolver(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(upstream.port, "--allow", "any")
+    log = await asyncio.to_thread(wait_for_line, proxy.stderr, "open resolver")
+    assert "WARNING" in log and "--allow any" in log
