@@ -164,6 +164,8 @@ class TcpFrontEnd:
 
     def note_buffered(self, connection: _Connection, size: int) -> None:
         """``connection`` now holds ``size`` unsent octets; shed load past the budget."""
+        if connection not in self._connections:
+            return  # closed already: its octets are no longer ours to count
         self.buffered += size - connection.buffered
         connection.buffered = size
         if self.buffered > self.limits.write_budget:
