@@ -192,14 +192,28 @@ def test_hedge_budget_allows_a_burst_then_a_share() -> None:
     assert budget.spend() and not budget.spend()
 
 
-async def test_over_the_hedge_budget_a_query_waits_for_its_upstream() -> None:
-    late, other = Fake("quic://a:853", after(0.2)), Fake("quic://b:853", after(0.0))
-    group = group_of(late, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.01)
+async def test_over_the_hedge_budget_the_hedge_waits_for_the_maximum_delay() -> None:
+    late, other = Fake("quic://a:853", after(0.1)), Fake("quic://b:853", after(0.0))
+    group = group_of(late, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.4)
     group.hedge_budget.tokens = 0.0
     data, question = make_question()
     assert wire.get_rcode(await group.query(data, question)) == dns.rcode.NOERROR
-    assert (late.calls, other.calls) == (1, 0)
+    assert (late.calls, other.calls) == (1, 0)  # answered before hedge-delay-max
     assert group.members[1].stats.hedged == 0
+
+
+async def test_over_the_hedge_budget_a_stalled_upstream_still_costs_one_hedge_max() -> None:
+    stalled, other = Fake("quic://a:853", never()), Fake("quic://b:853", after(0.0))
+    group = group_of(stalled, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.1)
+    group.hedge_budget.tokens = 0.0
+    data, question = make_question()
+    started = time.monotonic()
+    answer = await asyncio.wait_for(group.query(data, question), 3.0)
+    assert wire.get_rcode(answer) == dns.rcode.NOERROR
+    assert time.monotonic() - started < 3.0  # not the 4.75 s budget of the group
+    assert other.calls == 1 and group.members[1].stats.hedged == 1
+    health = group.members[0].health
+    assert health.srtt is not None and health.srtt > 0.001  # the silence raised it
 
 
 # --- the failure text -----------------------------------------------------------------
@@ -436,6 +450,23 @@ async def test_a_timer_firing_early_at_the_deadline_is_no_crash() -> None:
         await group.query(data, question)
     assert caught.value.ede is Ede.NO_REACHABLE_AUTHORITY
     assert "a timeout" in str(caught.value) and "b timeout" in str(caught.value)
+
+
+async def test_over_the_hedge_budget_an_upstream_that_answers_others_is_waited_for() -> None:
+    """Overload, not a stall: it answered something after this query went out."""
+    slow, other = Fake("quic://a:853", after(0.3)), Fake("quic://b:853", after(0.0))
+    group = group_of(slow, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.05)
+    group.hedge_budget.tokens = 0.0
+    data, question = make_question()
+
+    async def heard_meanwhile() -> None:
+        await asyncio.sleep(0.02)
+        group.members[0].health.last_heard = group.clock()
+
+    task = asyncio.ensure_future(heard_meanwhile())
+    assert wire.get_rcode(await group.query(data, question)) == dns.rcode.NOERROR
+    await task
+    assert (slow.calls, other.calls) == (1, 0)
 
 
 async def test_servfail_asks_one_other_upstream() -> None:

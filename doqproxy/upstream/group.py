@@ -230,6 +230,7 @@ class UpstreamGroup:
         second_chance = True
         position = 0
         last: _Attempt | None = None
+        denied: _Attempt | None = None  # the attempt whose early hedge the budget refused
 
         def launch(hedge: bool) -> None:
             nonlocal position, last
@@ -265,7 +266,10 @@ class UpstreamGroup:
                 if fallback is not None:  # each one still asked gets its own hedge delay
                     wake = min(wake, max(_due(a, settings) for a in running.values()))
                 elif can_launch and hedging and last is not None:
-                    wake = min(wake, _due(last, settings))
+                    hedge = selection.hedge_delay(last.member.health, settings)
+                    if denied is last:
+                        hedge = max(hedge, settings.hedge_max)
+                    wake = min(wake, last.started + hedge)
                 done, _ = await asyncio.wait(
                     running,
                     timeout=max(0.0, wake - self.clock()),
@@ -276,12 +280,21 @@ class UpstreamGroup:
                         break
                     if fallback is not None:  # the other upstream is late: pass the SERVFAIL on
                         break
-                    if wake >= deadline:
+                    if wake >= deadline or last is None:
                         continue  # the timer fired a hair early: wait out the rest
-                    if self.hedge_budget.spend():
+                    now = self.clock()
+                    # Silent for 3 x its SRTT: that alone says it is slower than thought.
+                    last.member.health.slower_than(now - last.started, now)
+                    if denied is not last and self.hedge_budget.spend():
                         launch(hedge=True)
+                    elif denied is not last:
+                        denied = last  # over budget: hedge only at --hedge-delay-max...
+                    elif last.member.health.last_heard < last.started:
+                        launch(hedge=True)  # ...and only if it has gone silent
                     else:
-                        hedging = False  # over budget: this query waits, or fails over
+                        # It answers other queries, just late: we are overloaded, and
+                        # a hedge would only add load. This query waits for it.
+                        hedging = False
                     continue
                 for task in done:
                     attempt = running.pop(task)
@@ -347,6 +360,7 @@ class UpstreamGroup:
         """Record an answer; the reason when it is SERVFAIL or REFUSED."""
         now = self.clock()
         rtt = now - started
+        member.health.last_heard = now
         soft = _SOFT_RCODES.get(wire.get_rcode(answer)) if len(answer) >= 4 else Reason.PROTOCOL
         if soft is None:
             member.stats.answers += 1

@@ -101,6 +101,8 @@ class Health:
     probe_started: float = 0.0
     last_sample: float = -math.inf
     """When the last RTT sample was taken (for exploration)."""
+    last_heard: float = -math.inf
+    """When the upstream last answered anything (SERVFAIL included)."""
     unmeasured: int = 0
     """Queries the group answered since the last RTT sample (for exploration)."""
     last_error: str = ""
