@@ -170,11 +170,11 @@ class UpstreamGroup:
         for task in list(self._side.values()):
             task.cancel()
         await asyncio.gather(*(m.upstream.aclose() for m in self.members), return_exceptions=True)
-        self.save()
+        self.save(force=True)
 
-    def save(self) -> None:
+    def save(self, *, force: bool = False) -> None:
         if self.health_file is not None:
-            self.health_file.save(self.members, self.clock())
+            self.health_file.save(self.members, self.clock(), force=force)
 
     async def _save_every(self, interval: float) -> None:
         while True:
