@@ -35,7 +35,7 @@ from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
 from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
-from doqproxy.upstream import doq_connection
+from doqproxy.upstream import engine
 from doqproxy.upstream.group import Member, UpstreamGroup
 from doqproxy.upstream.health import Reason, State
 from doqproxy.upstream.pool import DoqUpstream
@@ -77,8 +77,8 @@ def counters(
 
 
 def quic_engine() -> str:
-    """The QUIC library the DoQ client runs on (``QUIC_ENGINE`` where the client names one)."""
-    return str(getattr(doq_connection, "QUIC_ENGINE", "aioquic"))
+    """The QUIC library the DoQ client runs on (``--quic-engine``)."""
+    return engine.NAME
 
 
 _DURATION = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s)\b")
