@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,top]'
+	$(PIP) install -q -e '.[test,top,qh3]'
 	touch $@
 
 venv: $(VENV)/.installed

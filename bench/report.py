@@ -118,8 +118,19 @@ def markdown(results: dict[str, Any]) -> str:
         value = _fmt(goal["value"], 3 if goal["unit"] == TIMES else 1)
         unit = "" if goal["value"] is None else f" {goal['unit']}"
         out.append(f"| {goal['name']} | {value}{unit} | {goal['goal']} | {_verdict(goal['met'])} |")
+    out += _cache_hit(results) + _miss(results) + engines_section(results) + _link(results)
+    out += _failover(results)
+    out += _memory(results) + _profiles(results)
+    for note in results.get("notes", []):
+        out.append(f"\nNote: {note}")
+    return "\n".join(out)
+
+
+def _cache_hit(results: dict[str, Any]) -> list[str]:
+    if "cache_hit" not in results:
+        return []
     hit = results["cache_hit"]
-    out += [
+    out = [
         "",
         "Cache hit, UDP, 1,000 names, warm: `dnsperf -c 4 -T 1 -l "
         f"{hit.get('seconds', '?')}`, best of the interleaved rounds (all rounds listed); "
@@ -141,9 +152,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_fmt(p['qps'], 0)} | {_fmt(p['p50_ms'], 3)} | {_fmt(p['p99_ms'], 3)} "
             f"| {_fmt(p['p999_ms'], 3)} | {valid} |"
         )
+    return out
+
+
+def _miss(results: dict[str, Any]) -> list[str]:
+    if "miss_path" not in results:
+        return []
     miss = results["miss_path"]
     fwd, cpu = miss["forward"], miss["forward_cpu_pct"]
-    out += [
+    out = [
         "",
         "Miss path (no cache), same `doqproxy serve --zone`, 100 queries in flight:",
         "",
@@ -164,8 +181,14 @@ def markdown(results: dict[str, Any]) -> str:
     rss = miss.get("forward_rss_mb")
     if rss:
         out.append(f"\nforward --no-cache VmRSS: {rss[0]} MB before the runs, {rss[1]} MB after.")
+    return out
+
+
+def _link(results: dict[str, Any]) -> list[str]:
+    if "link" not in results:
+        return []
     lk = results["link"]
-    out += [
+    out = [
         "",
         f"Latency over a link: relay adding {lk['rtt_ms']:g} ms RTT, {lk['runs']} runs, "
         "client's view (UDP query sent → answer):",
@@ -189,6 +212,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"{lk['restarts_with_early_data_accepted']} of {lk['runs']}; session resumed: "
         f"{lk['restarts_with_session_resumed']} of {lk['runs']}."
     )
+    return out
+
+
+def _failover(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
     fo = results.get("failover")
     if fo:
         rtts = ", ".join(f"{r:g}" for r in fo["rtts_ms"])
@@ -214,14 +242,25 @@ def markdown(results: dict[str, Any]) -> str:
             f"{fo['hedge_delay_min_ms']:g} ms meanwhile; {_fmt(fo.get('hedged_total'))} "
             "hedged queries in all)."
         )
+    return out
+
+
+def _memory(results: dict[str, Any]) -> list[str]:
+    if "memory" not in results:
+        return []
     mem = results["memory"]
     entries = mem["cache_entries"]
-    out.append(
+    return [
         f"\nMemory: VmRSS {mem['rss_mb_start']} MB after start, {mem['rss_mb']} MB after "
         f"{mem['names']:,} distinct names ({_fmt(entries)} cache entries; answers "
         f"{'all NOERROR' if mem['answers']['valid'] else mem['answers']['rcodes']}; "
         "default settings, no metrics endpoint; the link forwards run with --metrics-listen)."
-    )
+    ]
+
+
+def _profiles(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    miss, hit = results.get("miss_path", {}), results.get("cache_hit", {})
     for label, prof in (("Miss", miss.get("profile")), ("Hit", hit.get("profile"))):
         if not prof:
             continue
@@ -235,13 +274,40 @@ def markdown(results: dict[str, Any]) -> str:
         out.append(
             "- doqproxy functions, inclusive: " + _shares(prof["top_doqproxy_inclusive_pct"], 5)
         )
-    for note in results.get("notes", []):
-        out.append(f"\nNote: {note}")
-    return "\n".join(out)
+    return out
+
+
+def engines_section(results: dict[str, Any]) -> list[str]:
+    """The miss path per QUIC engine (issue 13): CPU per miss, datagrams, q/s."""
+    found = results.get("engines")
+    if not found:
+        return []
+    out = [
+        "",
+        f"Miss path per QUIC engine: dnsperf `-c 4 -T 1 -l {found['seconds']:g}` → forward "
+        "--no-cache → serve; bare clients with 100 streams on 1 connection to the same serve. "
+        "CPU per query = the client process's utime+stime over the run / answers:",
+        "",
+        "| client | q/s | CPU µs/query | datagrams up/query | datagrams down/query | answers |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for key, entry in found.items():
+        if not isinstance(entry, dict):
+            continue
+        name = key.replace("doqproxy_", "doqproxy forward, ").replace("bare_", "bare client, ")
+        valid = "all NOERROR" if entry.get("valid") else f"**{entry.get('rcodes')}**"
+        out.append(
+            f"| {name} | {_fmt(entry.get('qps'), 0)} | {_fmt(entry.get('cpu_us_per_query'))} "
+            f"| {_fmt(entry.get('datagrams_up_per_query'), 2)} "
+            f"| {_fmt(entry.get('datagrams_down_per_query'), 2)} | {valid} |"
+        )
+    return out
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
     """A PNG of the three link cases when matplotlib is installed (the ``bench`` extra)."""
+    if "link" not in results:
+        return False
     try:
         import matplotlib  # type: ignore[import-not-found, unused-ignore]
 

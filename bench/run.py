@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import dnsperf, failover, link, peers, profile, report
+from . import dnsperf, engines, failover, link, peers, profile, report
 from .procs import (
     LOOPBACK,
     REPO,
@@ -43,6 +43,7 @@ from .procs import (
 )
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
+CASES = ("cache_hit", "miss_path", "engines", "link", "failover", "memory")
 
 
 @dataclass(frozen=True)
@@ -282,8 +283,46 @@ class Bench:
             )
         return found
 
+    def engines(self) -> dict[str, Any]:
+        """CPU per miss, datagrams per query each way and q/s: doqproxy forward on each
+        installed QUIC engine, then the bare clients, one at a time against one serve."""
+        plan = self.plan
+        installed = engines.installed_engines()
+        has_flag = (
+            "--quic-engine"
+            in subprocess.run(
+                doqproxy_argv("forward", "--help"), capture_output=True, text=True, check=True
+            ).stdout
+        )
+        found: dict[str, Any] = {"engines": installed, "seconds": plan.miss_seconds}
+
+        def run(port: int, label: str) -> dnsperf.PerfResult:
+            if label.endswith("-warm"):
+                return self.perf(port, label, runs=1)
+            return self.perf(port, label, seconds=plan.miss_seconds)
+
+        for engine in installed if has_flag else ["default"]:
+            progress(f"engines: doqproxy forward --no-cache, QUIC engine {engine}")
+            extra = ("--quic-engine", engine) if has_flag else ()
+            child, port, _ = self.start_forward(
+                f"forward-{engine}", self.doq_port, self.state(), cache=False, extra=extra
+            )
+            try:
+                found[f"doqproxy_{engine}"] = engines.forward_case(child, port, run, engine)
+            finally:
+                self.children.stop(child)
+        for engine in installed:
+            progress(f"engines: bare {engine} client, 1 connection, 100 streams")
+            found[f"bare_{engine}"] = self.bare_client(self.doq_port, 1, 100, engine=engine)
+        return found
+
     def bare_client(
-        self, port: int, connections: int, concurrency: int, seconds: float | None = None
+        self,
+        port: int,
+        connections: int,
+        concurrency: int,
+        seconds: float | None = None,
+        engine: str = "aioquic",
     ) -> dict[str, Any]:
         seconds = self.plan.miss_seconds if seconds is None else seconds
         argv = [
@@ -291,7 +330,7 @@ class Bench:
             "--server", f"{LOOPBACK}:{port}", "--ca", str(self.ca),
             "--server-name", SERVER_NAME, "--names", str(self.hit_file),
             "--seconds", str(seconds), "--concurrency", str(concurrency),
-            "--connections", str(connections),
+            "--connections", str(connections), "--engine", engine,
         ]  # fmt: skip
         cpu0 = cpu_seconds(self.serve.pid)
         t0 = time.monotonic()
@@ -459,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the temp dir (logs) for debugging"
     )
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=CASES,
+        help="run only this case (repeatable); the report shows what ran",
+    )
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -496,11 +541,19 @@ def main(argv: list[str] | None = None) -> int:
             "doq": f"doqproxy serve --zone ({plan.hit_names} n* + {plan.memory_names} m* names)",
             "plain": f"Unbound 1 thread, local-zone static + local-data ({plan.hit_names} names)",
         }
-        results["cache_hit"] = bench.cache_hit(spy)
-        results["miss_path"] = bench.miss_path(spy)
-        results["link"] = bench.link()
-        results["failover"] = bench.failover()
-        results["memory"] = bench.memory()
+        cases = args.case or list(CASES)
+        if "cache_hit" in cases:
+            results["cache_hit"] = bench.cache_hit(spy)
+        if "miss_path" in cases:
+            results["miss_path"] = bench.miss_path(spy)
+        if "engines" in cases:
+            results["engines"] = bench.engines()
+        if "link" in cases:
+            results["link"] = bench.link()
+        if "failover" in cases:
+            results["failover"] = bench.failover()
+        if "memory" in cases:
+            results["memory"] = bench.memory()
         results["notes"] = bench.notes
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from doqproxy.ops.reload import Reloader
 from doqproxy.ops.systemd import Activated
 from doqproxy.resolver import Resolver
 from doqproxy.routing.build import RouteBuilder, fallbacks_of
+from doqproxy.routing.local_zones import LocalZones
 from doqproxy.routing.router import Router, affected, changed_domains
 from doqproxy.settings import ForwardSettings
 from doqproxy.upstream.base import Upstream
@@ -175,7 +176,11 @@ class Routes:
             else dataclasses.replace(settings.pool, pad_block=None)
         )
         builder = RouteBuilder(
-            settings.routing, ca_file=settings.tls_ca_file, pool=pool, timeout=settings.timeout
+            settings.routing,
+            ca_file=settings.tls_ca_file,
+            pool=pool,
+            timeout=settings.timeout,
+            selection=settings.selection,
         )
         builder.tickets = self.tickets  # one ticket file, one writer
         old = self.builder
@@ -183,11 +188,26 @@ class Routes:
             builder.made = dict(old.made)
             builder.bootstrap = old.bootstrap
         routed, local = builder.build(default)
+        # Keep only what the new routes use: the rest is closed below.
+        used = {
+            *settings.routing.fallback,
+            *(t for r in settings.routing.routes for t in r.upstreams),
+        }
+        builder.made = {text: u for text, u in builder.made.items() if text in used}
         # The default route is "the -u upstreams": changing them keeps the cache,
         # as before routes existed; only a change of routes drops entries.
         specs = {".": "-u", **(routed.specs if isinstance(routed, Router) else {})}
         self.resolver.local = local if local else None
         cache = self.resolver.cache
+        if (
+            old is not None
+            and cache is not None
+            and old.routing.local_zones != (settings.routing.local_zones)
+        ):
+            served = LocalZones()  # what is (or was) answered here must not come from the cache
+            dropped = cache.drop_names(lambda name: served.zone_of(name) is not None)
+            log.warning("reload: local zones turned %s; %d cached entries dropped",
+                        "on" if settings.routing.local_zones else "off", dropped)  # fmt: skip
         if old is not None and cache is not None:
             changed = changed_domains(self.specs, specs)
             if changed:
@@ -210,7 +230,7 @@ def _reusable(builder: RouteBuilder) -> tuple[object, ...]:
     """What an upstream made by ``builder`` depends on, besides its URL."""
     routing = builder.routing
     return (routing.bootstrap, routing.addresses, routing.pins, builder.ca_file, builder.pool,
-            builder.timeout)  # fmt: skip
+            builder.timeout, builder.selection)  # fmt: skip
 
 
 _closing: set[asyncio.Task[None]] = set()

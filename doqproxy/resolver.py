@@ -25,6 +25,7 @@ from doqproxy.dns import rewrite, validate, wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
 from doqproxy.routing.local_zones import LocalZones
+from doqproxy.upstream import answered
 from doqproxy.upstream.base import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ class Resolver:
         if local:
             reply = local.reply(verdict, payload=self.max_udp)
             if reply is not None:
+                answered.note("local", answered.mark())
                 self.stats.local += 1
                 rcode = wire.get_rcode(reply)
                 self.stats.rcodes[rcode] = self.stats.rcodes.get(rcode, 0) + 1

@@ -3,8 +3,9 @@ inputs and print a Markdown table of executions, exec/s and coverage.
 
 Each target runs in its own process (libFuzzer ends the process when it is done),
 with its corpus in fuzz/corpus/NAME (kept between runs, not in git) seeded from
-:func:`fuzz.targets.seeds`. A crashing input is written to fuzz/crashes/ and the
-run exits non-zero: add the file to tests/fuzz_regressions/NAME/ with the fix.
+:func:`fuzz.targets.seeds`, and the keywords in fuzz/dicts/NAME.dict if there is
+one. A crashing input is written to fuzz/crashes/ and the run exits non-zero: add
+the file to tests/fuzz_regressions/NAME/ with the fix.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def run_target(name: str, runs: int, *, max_total_time: int = 0) -> Result:
     ]  # fmt: skip
     if max_total_time:
         command.insert(5, f"-max_total_time={max_total_time}")
+    dictionary = HERE / "dicts" / f"{name}.dict"
+    if dictionary.exists():
+        command.insert(5, f"-dict={dictionary}")
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE.parent)

@@ -154,3 +154,25 @@ async def test_forward_spki_pin_match_and_mismatch(
     assert rcode_of(reply) == "SERVFAIL"
     assert "pin mismatch" in _ede_text(reply), reply
     assert "n1.test." not in upstream.seen_names()
+
+
+async def test_idle_connection_is_closed_and_reopened_on_demand(
+    dot_server: DotTestServer, certs: Certs
+) -> None:
+    upstream = DotUpstream(
+        UpstreamUrl("tls", "127.0.0.1", dot_server.port),
+        tls_context(certs.ca_file),
+        idle_timeout=0.3,
+    )
+    try:
+        await upstream.query(*_prepared("a.test"))
+        for _ in range(100):  # closed after 0.3 s without queries
+            if upstream._conn is None:
+                break
+            await asyncio.sleep(0.05)
+        assert upstream._conn is None
+        reply = dns.message.from_wire(await upstream.query(*_prepared("n2.test")))
+        assert rdatas(reply) == ["192.0.2.12"]
+        assert upstream.connections_opened == 2 and dot_server.state.connections == 2
+    finally:
+        await upstream.aclose()

@@ -4,9 +4,11 @@ once DoQ is back, traffic returns to it. Both switches are logged and counted.""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import dns.asyncquery
 import dns.message
@@ -42,14 +44,16 @@ def _metrics(port: int) -> str:
 
 
 async def test_fallback_to_dot_and_back(
-    dot_server: DotTestServer, certs: Certs, start_proxy: object
+    dot_server: DotTestServer, certs: Certs, start_proxy: object, tmp_path: Path
 ) -> None:
+    query_log = tmp_path / "queries.jsonl"
     doq_port = free_port()  # nothing listens there yet: ICMP port unreachable
     metrics_port = free_port()
     proxy: ProxyProcess = start_proxy(  # type: ignore[operator]
         doq_port,
         "--fallback", f"tls://127.0.0.1:{dot_server.port}",
         "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--query-log", str(query_log),
     )  # fmt: skip
     reply = await _ask(proxy.port, "a.test")
     assert rdatas(reply) == ["192.0.2.1"]
@@ -79,6 +83,13 @@ async def test_fallback_to_dot_and_back(
         text = await asyncio.to_thread(_metrics, metrics_port)
         assert 'doqproxy_fallback_active{route="."} 0.0' in text
         assert 'doqproxy_fallback_switches_total{direction="to_primary",route="."} 1.0' in text
+        proxy.stop()
+        answered = {}
+        for line in query_log.read_text().splitlines():
+            entry = json.loads(line)
+            answered[entry["qname"]] = entry["upstream"]
+        assert answered["a.test."] == f"tls://127.0.0.1:{dot_server.port}"
+        assert answered["n61.test."] == f"quic://127.0.0.1:{doq_port}"
     finally:
         await doq.stop()
 

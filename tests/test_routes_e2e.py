@@ -6,6 +6,8 @@ where it matters: on the upstream side."""
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import dns.asyncquery
 import dns.message
@@ -13,7 +15,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.reversename
 
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
 from .serve_helpers import PlainDnsServer, rcode_of, rdatas
 
@@ -28,17 +30,19 @@ def _names(plain: PlainDnsServer) -> list[str]:
 
 
 async def test_routes_local_zones_and_overrides(
-    upstream: DoqTestUpstream, start_proxy: object
+    upstream: DoqTestUpstream, start_proxy: object, tmp_path: Path
 ) -> None:
+    query_log = tmp_path / "queries.jsonl"
     plain = PlainDnsServer()
     await plain.start()
     try:
         at = f"udp://127.0.0.1:{plain.port}"
         proxy: ProxyProcess = start_proxy(  # type: ignore[operator]
             upstream.port,
-            "--route", f"plain.test={at}",
+            "--route", f"plain.test,corp.test={at}",
             "--route", f"eu.plain.test=quic://127.0.0.1:{upstream.port}",
             "--route", f"5.168.192.in-addr.arpa={at}",
+            "--query-log", str(query_log),
         )  # fmt: skip
         port = proxy.port
 
@@ -48,6 +52,10 @@ async def test_routes_local_zones_and_overrides(
         assert _names(plain) == ["host.corp.plain.test."]
         assert plain.state.padded == [False]
         assert "host.corp.plain.test." not in upstream.seen_names()
+
+        await _ask(port, "host.corp.test")  # the fixture refuses it, but it went there
+        assert _names(plain)[-1] == "host.corp.test."
+        assert "host.corp.test." not in upstream.seen_names()
 
         # Everything else goes over DoQ, padded as before.
         reply = await _ask(port, "a.test")
@@ -85,6 +93,38 @@ async def test_routes_local_zones_and_overrides(
         await _ask(port, override, "PTR")
         assert _names(plain)[-1] == override
         assert override not in upstream.seen_names()
+
+        # The query log says who answered each.
+        proxy.stop()
+        by_name = {}
+        for line in query_log.read_text().splitlines():
+            entry = json.loads(line)
+            by_name[entry["qname"].lower()] = entry["upstream"]
+        assert by_name["host.corp.plain.test."] == at
+        assert by_name["a.test."] == f"quic://127.0.0.1:{upstream.port}"
+        assert by_name["x.eu.plain.test."] == f"quic://127.0.0.1:{upstream.port}"
+        assert by_name["localhost."] == "local"
+        assert by_name[ptr.lower()] == "local"
+    finally:
+        await plain.stop()
+
+
+async def test_route_with_several_upstreams_steps_around_a_dead_one(
+    upstream: DoqTestUpstream, start_proxy: object
+) -> None:
+    plain = PlainDnsServer()
+    await plain.start()
+    try:
+        dead = f"udp://127.0.0.1:{free_port()}"  # nothing there: ICMP port unreachable
+        proxy: ProxyProcess = start_proxy(  # type: ignore[operator]
+            upstream.port,
+            "--route", f"plain.test={dead},udp://127.0.0.1:{plain.port}",
+            "--upstream-strategy", "failover",
+        )  # fmt: skip
+        for index in range(3):
+            reply = await _ask(proxy.port, f"h{index}.plain.test")
+            assert rdatas(reply) == ["198.51.100.7"]
+        assert _names(plain) == [f"h{i}.plain.test." for i in range(3)]
     finally:
         await plain.stop()
 

@@ -108,3 +108,31 @@ async def test_sighup_reloads_routes_and_drops_their_cache_entries(
         proxy.stop()
         await first.stop()
         await second.stop()
+
+
+async def test_turning_local_zones_on_by_reload_drops_cached_forwarded_answers(
+    tmp_path: Path, certs: Certs, upstream: DoqTestUpstream
+) -> None:
+    port = free_port()
+    config = tmp_path / "doqproxy.toml"
+    base = (
+        f'listen = ["127.0.0.1:{port}"]\nupstream = "quic://127.0.0.1:{upstream.port}"\n'
+        f'tls-ca-file = "{certs.ca_file}"\ntls-server-name = "{SERVER_NAME}"\n'
+        f'state-dir = "{tmp_path}/state"\n'
+    )
+    config.write_text(base + "no-local-zones = true\n")
+    proxy = ProxyProcess(["forward", "--config", str(config)], port, tmp_path / "p.log")
+    try:
+        await asyncio.to_thread(proxy.wait_ready)
+        await _ask(port, "printer.local")  # forwarded (NXDOMAIN from the fixture), cached
+        await _ask(port, "printer.local")
+        assert upstream.seen_names() == ["printer.local."]
+        config.write_text(base)
+        proxy.proc.send_signal(signal.SIGHUP)
+        await _wait_for_log(proxy, "reload: done")
+        assert "local zones turned on; 1 cached entries dropped" in proxy.stderr()
+        reply = await _ask(port, "printer.local")
+        assert reply.authority[0].to_text().startswith("local. 10800 IN SOA localhost.")
+        assert upstream.seen_names() == ["printer.local."]
+    finally:
+        proxy.stop()

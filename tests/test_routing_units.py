@@ -120,6 +120,8 @@ def test_loopback_ptr_names_localhost_and_public_names_are_left_alone() -> None:
                  dns.reversename.from_address("172.32.0.1").to_text()):  # fmt: skip
         assert _ask(zones, name, "PTR") is None
     assert _ask(LocalZones(enabled=False), "localhost.") is None
+    between = _ask(zones, "0.0.127.in-addr.arpa.", "PTR")  # above 1.0.0.127: exists, no data
+    assert between is not None and between.rcode() == dns.rcode.NOERROR and not between.answer
     apex = _ask(zones, dns.reversename.from_address("255.255.255.255").to_text(), "PTR")
     assert apex is not None and apex.rcode() == dns.rcode.NOERROR and not apex.answer
     assert apex.authority[0].rdtype == dns.rdatatype.SOA

@@ -4,8 +4,10 @@ promise that the forwarder never imports ``rich``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dns.asyncquery
+import dns.exception
 import dns.message
 import dns.rcode
 import pytest
@@ -30,7 +33,7 @@ from .doq_fixture import DoqTestUpstream
 StartProxy = Callable[..., ProxyProcess]
 
 EVENT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-"""What ``doqproxy forward`` runs on here (``make venv`` installs the ``fast`` extra)."""
+"""What ``doqproxy forward`` runs on here by default (uvloop where it is installed)."""
 
 pytestmark = pytest.mark.slow
 
@@ -52,14 +55,23 @@ def wait_for_metrics(port: int) -> None:
     raise AssertionError(f"no metrics endpoint on port {port}")
 
 
-async def top(*args: str, prelude: str | None = None) -> subprocess.CompletedProcess[str]:
+async def top(
+    *args: str, prelude: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``doqproxy top ARGS`` (after ``prelude`` Python code, when given) to completion."""
     argv = doqproxy_command("top", *args)
     if prelude is not None:
         code = f"{prelude}\nimport sys\nfrom doqproxy.cli import main\nmain(sys.argv[1:])"
         argv = [sys.executable, "-c", code, "top", *args]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DOQPROXY_")}
     return await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, timeout=60, check=False
+        subprocess.run,
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**environment, **(env or {})},
     )
 
 
@@ -110,7 +122,10 @@ async def test_once_and_json_match_the_queries_sent(
     assert proxy.stop() == 0
 
 
-async def test_rates_while_queries_flow(upstream: DoqTestUpstream, start_proxy: StartProxy) -> None:
+async def test_rates_while_queries_flow(
+    upstream: DoqTestUpstream, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOQPROXY_EVENT_LOOP", "asyncio")  # build_info says which loop runs
     metrics = free_port()
     proxy = start_proxy(upstream.port, "--metrics-listen", f"127.0.0.1:{metrics}")
     await asyncio.to_thread(wait_for_metrics, metrics)
@@ -125,6 +140,7 @@ async def test_rates_while_queries_flow(upstream: DoqTestUpstream, start_proxy: 
     result = run.result()
     assert result.returncode == 0, result.stderr
     snap = json.loads(result.stdout)
+    assert snap["event_loop"] == "asyncio"
     assert 0 < snap["queries"] <= sent
     assert snap["qps"] > 0 and snap["qps"] == snap["qps_minute"]
     [row] = snap["upstreams"]
@@ -149,6 +165,15 @@ async def test_unreachable_is_one_line_and_a_failure(tmp_path: Path) -> None:
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert f"cannot read http://127.0.0.1:{port}/metrics" in line
+
+    # Forward's own variable comes before its file; top's own variable before both.
+    other = free_port()
+    env = {"DOQPROXY_METRICS_LISTEN": f"[::1]:{other}"}
+    result = await top("--once", "--config", str(config), env=env)
+    assert f"cannot read http://[::1]:{other}/metrics" in result.stderr
+    env["DOQPROXY_TOP_METRICS"] = f"http://127.0.0.1:{port}/metrics"
+    result = await top("--once", "--config", str(config), env=env)
+    assert f"cannot read http://127.0.0.1:{port}/metrics" in result.stderr
 
 
 async def test_not_a_doqproxy_endpoint(upstream: DoqTestUpstream, start_proxy: StartProxy) -> None:
@@ -230,3 +255,58 @@ def test_a_forwarder_dying_mid_reply_is_a_scrape_error(reply: bytes, error: str)
                 scrape.fetch(f"http://127.0.0.1:{port}/metrics", timeout=10)
         finally:
             thread.join(10)
+
+
+async def test_a_row_per_upstream_with_state_and_last_error(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    dead = free_port()  # nothing listens there: connections are refused
+    metrics = free_port()
+    proxy = start_proxy(
+        upstream.port,
+        "-u", f"quic://127.0.0.1:{dead}",
+        "--upstream-strategy", "round-robin",
+        "--metrics-listen", f"127.0.0.1:{metrics}",
+    )  # fmt: skip
+    await asyncio.to_thread(wait_for_metrics, metrics)
+    for index in range(10):
+        await ask(proxy, f"n{index}.test.")
+    run = asyncio.ensure_future(top("--json", "--metrics", f"127.0.0.1:{metrics}"))
+    index = 0
+    while not run.done():
+        await ask(proxy, f"n{index % 64}.test.")
+        index += 1
+        await asyncio.sleep(0.01)
+    result = run.result()
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)["upstreams"]}
+    live, down = rows[f"quic://127.0.0.1:{upstream.port}"], rows[f"quic://127.0.0.1:{dead}"]
+    assert len(rows) == 2
+    assert live["state"] == "up" and live["last_error"] is None
+    assert live["srtt_ms"] > 0 and live["qps"] > 0 and live["connections"] == 1
+    assert down["state"] in ("backoff", "probing")
+    assert down["last_error"].startswith("connect"), down
+    assert down["failures"]["connect"] >= 1
+    assert live["share"] + (down["share"] or 0) == pytest.approx(1.0)
+    assert proxy.stop() == 0
+
+
+async def test_refusals_show_on_the_load_line(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    metrics = free_port()
+    proxy = start_proxy(
+        upstream.port, "--ratelimit", "1", "--metrics-listen", f"127.0.0.1:{metrics}", cache=True
+    )
+    await asyncio.to_thread(wait_for_metrics, metrics)
+    query = dns.message.make_query("a.test.", "A")
+    for _ in range(20):  # well over 1 a second from one client
+        with contextlib.suppress(dns.exception.Timeout):
+            await dns.asyncquery.udp(query, "127.0.0.1", port=proxy.port, timeout=0.2)
+    result = await top("--json", "--metrics", f"127.0.0.1:{metrics}")
+    assert result.returncode == 0, result.stderr
+    snap = json.loads(result.stdout)
+    assert snap["refused"] >= 1 and snap["refused_rate"] == 0.0
+    result = await top("--once", "--metrics", f"127.0.0.1:{metrics}")
+    assert f"; refused 0.0/s, {snap['refused']} in all" in result.stdout
+    assert proxy.stop() == 0

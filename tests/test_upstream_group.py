@@ -264,6 +264,39 @@ def test_health_file_round_trip(tmp_path: Path) -> None:
     assert c.srtt is None and c.up
 
 
+def test_health_file_is_not_rewritten_for_small_srtt_drift(tmp_path: Path) -> None:
+    """The SRTT moves with every answer: only a real change (or a state change, or
+    shutdown, or ten minutes) rewrites the file, so a router's flash is spared."""
+    health = Health(srtt=0.010)
+    members = [Named("quic://a:853", health)]
+    store = HealthFile(tmp_path)
+    path = tmp_path / "upstreams.json"
+
+    def written() -> float | None:
+        srtt = json.loads(path.read_text())["upstreams"]["quic://a:853"]["srtt"]
+        return None if srtt is None else float(srtt)
+
+    store.save(members, 100.0)
+    assert written() == pytest.approx(0.010)
+    health.srtt = 0.0103  # 3 %: not worth a write
+    store.save(members, 105.0)
+    assert written() == pytest.approx(0.010)
+    health.srtt = 0.013  # 30 %: written at once
+    store.save(members, 110.0)
+    assert written() == pytest.approx(0.013)
+    health.srtt = 0.0132
+    store.save(members, 115.0)
+    assert written() == pytest.approx(0.013)
+    store.save(members, 115.0 + 600)  # drift is written after ten minutes
+    assert written() == pytest.approx(0.0132)
+    health.srtt = 0.0133
+    store.save(members, 720.0, force=True)  # shutdown
+    assert written() == pytest.approx(0.0133)
+    health.failed(Reason.TIMEOUT, "no reply", now=721.0)  # a state change: at once
+    store.save(members, 721.0)
+    assert json.loads(path.read_text())["upstreams"]["quic://a:853"]["state"] != "up"
+
+
 @pytest.mark.parametrize("kind", ["garbage", "version", "symlink", "fifo", "values"])
 def test_bad_health_file_is_a_warning(
     tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
@@ -539,3 +572,11 @@ async def test_one_member_is_a_pass_through_with_the_members_error() -> None:
         await group.query(data, question)
     await group.aclose()
     assert only.closed
+
+
+def test_error_label_keeps_series_bounded() -> None:
+    from doqproxy.ops.metrics import error_label
+
+    first = error_label("unreachable (no handshake within 5s); next attempt in 1.2s")
+    assert first == error_label("unreachable (no handshake within 5s); next attempt in 3.75s")
+    assert "quic://192.0.2.1:853" in error_label("quic://192.0.2.1:853: refused")

@@ -193,6 +193,7 @@ def forward(
             upstream_names(settings),
             [(a.host, a.port) for a in settings.listen],
             bootstrap=bool(settings.routing.bootstrap),
+            servers=settings.routing.bootstrap,
         )
     except BootstrapError as exc:
         raise click.ClickException(str(exc)) from None

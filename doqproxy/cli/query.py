@@ -16,6 +16,7 @@ from doqproxy.cli.forward import check_ca_file
 from doqproxy.net.addresses import AddressError, UpstreamUrl
 from doqproxy.net.stamps import StampError
 from doqproxy.ops import process
+from doqproxy.upstream import engine
 from doqproxy.upstream.probe import ProbeError, ProbeResult, ProbeSettings, probe
 from doqproxy.upstream.targets import parse_target
 
@@ -52,6 +53,13 @@ from doqproxy.upstream.targets import parse_target
     show_default=True,
     help="Seconds before giving up.",
 )
+@click.option(
+    "--quic-engine",
+    type=click.Choice(engine.ENGINES),
+    default=engine.NAME,
+    show_default=True,
+    help="QUIC implementation to use (qh3 needs pip install qh3).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-v", "--verbose", count=True, help="Log to stderr; -vvv includes QUIC packets.")
 def query(
@@ -64,6 +72,7 @@ def query(
     zero_rtt: bool,
     dnssec: bool,
     timeout: float,
+    quic_engine: str,
     as_json: bool,
     verbose: int,
 ) -> None:
@@ -77,6 +86,10 @@ def query(
       doqproxy query example.com -u quic://dns.adguard-dns.com --state-dir ~/.cache/doqproxy --0rtt
     """
     process.setup_logging(verbose)
+    try:
+        engine.select(quic_engine)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--quic-engine") from None
     if verbose < 2:
         # The failure is reported in one line below; aioquic's own log line would repeat it.
         logging.getLogger("quic").setLevel(logging.CRITICAL)

@@ -386,6 +386,7 @@ class DoqListener:
                 admission=self.admission,
                 create_connection=self._new_connection,
                 on_refused=self._refused,
+                on_retry=self._update_counts,
                 configuration=self._quic_configuration,
                 session_ticket_fetcher=tickets.pop if tickets is not None else None,
                 session_ticket_handler=tickets.add if tickets is not None else None,
@@ -421,13 +422,9 @@ class DoqListener:
 
     def _refused(self, client: str, reason: str) -> None:
         self.stats.refused += 1
-        self.stats.retries = self.admission.retries
-        if (
-            self.stats.refused & (self.stats.refused - 1) == 0
-        ):  # 1, 2, 4, 8, ...: not a flood of lines
-            log.info(
-                "refused a connection from %s: %s (%d so far)", client, reason, self.stats.refused
-            )
+        refused = self.stats.refused
+        if refused & (refused - 1) == 0:  # the 1st, 2nd, 4th, 8th...: no flood of lines
+            log.info("refused a connection from %s: %s (%d so far)", client, reason, refused)
 
     def handshake_completed(self, connection: DoqConnection) -> bool:
         """Count ``connection`` as established; False if that goes over max_connections."""

@@ -74,12 +74,14 @@ class GuardedQuicServer(QuicServer):
         admission: Admission,
         create_connection: ConnectionFactory,
         on_refused: Callable[[str, str], None],
+        on_retry: Callable[[], None] = lambda: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(create_protocol=self._create, retry=False, **kwargs)
         self.admission = admission
         self._create_connection = create_connection
         self._on_refused = on_refused
+        self._on_retry = on_retry
         self._tokens = QuicRetryTokenHandler()
         self._use_retry(None)
         self._client = ""
@@ -118,6 +120,8 @@ class GuardedQuicServer(QuicServer):
             self._transport.sendto(refusal_packet(header, reason), addr)
             self._on_refused(host, reason)
             return
+        if verdict is Verdict.RETRY:
+            self._on_retry()
         # RETRY: aioquic sends the Retry (or INVALID_TOKEN for a bad token). ACCEPT:
         # aioquic checks a valid token again and records the Retry's connection IDs;
         # without one, the connection starts unvalidated and any stale token is ignored.

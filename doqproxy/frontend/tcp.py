@@ -32,6 +32,8 @@ from doqproxy.resolver import Resolver
 log = logging.getLogger(__name__)
 
 _U16 = struct.Struct("!H")
+MAX_REFUSING = 64
+"""Connections from clients outside the access list kept at once (to answer REFUSED)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,6 +92,7 @@ class TcpFrontEnd:
         self.buffered = 0
         """Unsent octets across connections, as last seen (an upper bound)."""
         self._connections: dict[_Connection, None] = {}  # oldest first
+        self._refused_writers: set[asyncio.StreamWriter] = set()
 
     @property
     def connections(self) -> int:
@@ -99,6 +102,9 @@ class TcpFrontEnd:
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if peer else "?"
         client = self.admission.client(host)
+        if not client.allowed:
+            await self._refuse(reader, writer, client)
+            return
         verdict = self.slots.admit(host, client.key)
         if verdict is Admit.EVICT:
             victim = next((c for c in self._connections if c.idle), None)
@@ -124,6 +130,31 @@ class TcpFrontEnd:
         finally:
             connection.close()
 
+    async def _refuse(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: Client
+    ) -> None:
+        """A client outside the access list: REFUSED to its first query, then closed.
+        It takes no slot (or it could hold them all and lock out the LAN); at most
+        :data:`MAX_REFUSING` such connections are kept at once, the rest closed unread."""
+        if len(self._refused_writers) >= MAX_REFUSING:
+            self.admission.stats.refused["acl"] += 1
+            writer.close()
+            return
+        self._refused_writers.add(writer)
+        try:
+            async with asyncio.timeout(self.limits.message_timeout):
+                (length,) = _U16.unpack(await reader.readexactly(2))
+                message = await reader.readexactly(length)
+                reply = self.admission.tcp_query(message, client)
+                if reply:
+                    writer.write(_U16.pack(len(reply)) + reply)
+                    await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self._refused_writers.discard(writer)
+            writer.close()
+
     def release(self, connection: _Connection) -> None:
         """Give back a connection's slot and budget (once)."""
         if self._connections.pop(connection, False) is None:
@@ -133,6 +164,8 @@ class TcpFrontEnd:
 
     def note_buffered(self, connection: _Connection, size: int) -> None:
         """``connection`` now holds ``size`` unsent octets; shed load past the budget."""
+        if connection not in self._connections:
+            return  # closed already: its octets are no longer ours to count
         self.buffered += size - connection.buffered
         connection.buffered = size
         if self.buffered > self.limits.write_budget:
@@ -163,6 +196,8 @@ class TcpFrontEnd:
     def close_all(self) -> None:
         for connection in list(self._connections):
             connection.writer.close()
+        for writer in list(self._refused_writers):
+            writer.close()
 
 
 class _Connection:

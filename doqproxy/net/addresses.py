@@ -100,4 +100,10 @@ def parse_upstream(text: str, schemes: tuple[str, ...] = ("quic",)) -> UpstreamU
     host = parts.hostname
     if not host:
         raise AddressError(f"upstream {text!r}: no host")
+    if not host.isascii():
+        # An internationalised name: TLS (SNI, the certificate) and DNS use its A-label.
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise AddressError(f"upstream {text!r}: {host!r} is not a valid host name") from None
     return UpstreamUrl(parts.scheme, host, port or SCHEME_PORTS[parts.scheme])

@@ -162,7 +162,8 @@ class Operations:
                 text += (
                     f": {len(pool.connections)} connections, "
                     f"{counts.handshakes} handshakes ({counts.sessions_resumed} resumed, "
-                    f"0-RTT {counts.early_data_accepted}/{counts.early_data_sent})"
+                    f"0-RTT {counts.early_data_accepted}/{counts.early_data_sent}), "
+                    "datagrams out {}, in {}".format(*pool.datagrams())
                 )
             parts.append(text)
         return "; ".join(parts) or "starting"

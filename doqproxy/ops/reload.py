@@ -74,6 +74,16 @@ class Reloader:
                 _lookup_inputs(new) != _lookup_inputs(old)
             ):
                 upstream = self.make_upstream(new, self.ops.upstream)
+            routed = None
+            default = upstream if upstream is not None else self.ops.upstream
+            # Built inside the try: a route that cannot be built (a bad CA file for a
+            # new tls:// route) must leave the old configuration in force.
+            if (
+                self.route is not None
+                and default is not None
+                and (upstream is not None or new.routing != old.routing)
+            ):
+                routed = self.route(new, default)
         except Exception as exc:  # whatever the loader raises, the old config stays
             log.error("reload failed, keeping the old configuration: %s", exc)
             return False
@@ -89,7 +99,7 @@ class Reloader:
         if upstream is not None:
             previous = self.ops.upstream
             self.ops.upstream = upstream
-            self.resolver.upstream = self.route(new, upstream) if self.route else upstream
+            self.resolver.upstream = routed if routed is not None else upstream
             if previous is not None:
                 previous.detach()
                 gone = [m for m in previous.members if m not in upstream.members]
@@ -101,8 +111,8 @@ class Reloader:
                 ", ".join(m.name for m in upstream.members),
                 new.selection.strategy,
             )
-        elif new.routing != old.routing and self.route is not None and self.ops.upstream:
-            self.resolver.upstream = self.route(new, self.ops.upstream)
+        elif routed is not None:
+            self.resolver.upstream = routed
         self.resolver.timeout = new.timeout
         self.resolver.max_udp = new.max_udp_size
         if cache is not None:

@@ -13,48 +13,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from doqproxy.dns.ede import Ede
-from doqproxy.dns.wire import Question
 from doqproxy.routing.local_zones import LocalZones
 from doqproxy.routing.router import Router
 from doqproxy.routing.routes import RoutingSettings
-from doqproxy.upstream.base import Upstream, UpstreamError
+from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.bootstrap import Bootstrap
 from doqproxy.upstream.doq_connection import client_configuration
 from doqproxy.upstream.dot import DotUpstream, tls_context
 from doqproxy.upstream.fallback import FallbackUpstream
+from doqproxy.upstream.group import Member, UpstreamGroup
+from doqproxy.upstream.health import Health
 from doqproxy.upstream.plain import PlainUpstream
 from doqproxy.upstream.pool import DoqUpstream, PoolSettings
+from doqproxy.upstream.selection import SelectionSettings
 from doqproxy.upstream.targets import Target, parse_target
 from doqproxy.upstream.tickets import TicketFile
 
 log = logging.getLogger(__name__)
 
 SCHEMES = ("quic", "tls", "udp")
-
-
-class InOrder:
-    """Several upstreams of one route, asked in the order given until one answers."""
-
-    def __init__(self, upstreams: Sequence[Upstream]) -> None:
-        self.upstreams = list(upstreams)
-        self.name = " | ".join(u.name for u in self.upstreams)
-        self.pad_block = self.upstreams[0].pad_block
-
-    async def query(self, message: bytes, question: Question) -> bytes:
-        errors = []
-        for upstream in self.upstreams:
-            try:
-                return await upstream.query(message, question)
-            except UpstreamError as exc:
-                errors.append(f"{upstream.name}: {exc}")
-        raise UpstreamError("; ".join(errors), Ede.NO_REACHABLE_AUTHORITY)
-
-    async def aclose(self) -> None:
-        """Nothing: the members belong to the :class:`RouteBuilder`."""
 
 
 @dataclass
@@ -67,6 +46,8 @@ class RouteBuilder:
     timeout: float = 5.0
     made: dict[str, Upstream] = field(default_factory=dict)
     """URL or stamp text → its upstream, reused by the next build."""
+    selection: SelectionSettings | None = None
+    """How a route with several upstreams picks among them (as for ``-u``)."""
     tickets: TicketFile | None = None
     """Shared with the default upstream (one file, one writer); ``None``: in memory."""
 
@@ -121,7 +102,12 @@ class RouteBuilder:
         specs: dict[str, str] = {}
         for spec in routing.routes:
             members = [self.upstream(text) for text in spec.upstreams]
-            upstream: Upstream = members[0] if len(members) == 1 else InOrder(members)
+            upstream: Upstream = members[0]
+            if len(members) > 1:  # several: selected, hedged and health-checked like -u
+                group = [
+                    Member(t, m, Health()) for t, m in zip(spec.upstreams, members, strict=True)
+                ]
+                upstream = UpstreamGroup(group, self.selection, timeout=self.timeout)
             if fallbacks and all(isinstance(m, DoqUpstream) for m in members):
                 upstream = FallbackUpstream(
                     upstream, fallbacks, route=spec.domains[0], primary_budget=self.timeout / 2

@@ -170,8 +170,8 @@ def _answer(question: Question, zone: _Zone, payload: int) -> bytes:
         answers = [_record(wire.HEADER_LEN, wire.TYPE_SOA, _SOA_RDATA)]
     elif owner == zone.apex and question.qtype == TYPE_NS:
         answers = [_record(wire.HEADER_LEN, TYPE_NS, _LOCALHOST)]
-    elif owner != zone.apex and not any(key[0] == owner for key in zone.records):
-        rcode = wire.RCODE_NXDOMAIN
+    elif owner != zone.apex and not any(is_subdomain(key[0], owner) for key in zone.records):
+        rcode = wire.RCODE_NXDOMAIN  # neither a name with records nor above one (RFC 8020)
     authority = [] if answers else [_record(apex_at, wire.TYPE_SOA, _SOA_RDATA)]
     opt = b""
     if question.edns is not None:

@@ -20,7 +20,10 @@ def to_wire(text: str) -> bytes:
     labels = name.split(".")
     out = bytearray()
     for label in labels:
-        raw = label.encode("idna") if not label.isascii() else label.encode()
+        try:
+            raw = label.encode("idna") if not label.isascii() else label.encode()
+        except UnicodeError:
+            raise DomainError(f"domain {text!r}: {label!r} is not a valid name label") from None
         if not raw:
             raise DomainError(f"domain {text!r}: empty label")
         if len(raw) > 63:

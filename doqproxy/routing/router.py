@@ -9,6 +9,7 @@ from doqproxy.dns.padding import repad
 from doqproxy.dns.wire import Question
 from doqproxy.routing.names import to_text, to_wire
 from doqproxy.routing.routes import RouteTable
+from doqproxy.upstream import answered
 from doqproxy.upstream.base import Upstream, UpstreamError
 
 
@@ -35,8 +36,11 @@ class Router:
             return await upstream.query(message, question)
         if upstream.pad_block != self.pad_block:
             message = repad(message, upstream.pad_block)
+        since = answered.mark()
         try:
-            return await upstream.query(message, question)
+            reply = await upstream.query(message, question)
+            answered.note(upstream.name, since)
+            return reply
         except UpstreamError as exc:
             raise UpstreamError(
                 f"{upstream.name} (route {to_text(domain)}): {exc}", exc.ede

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
+import dns.exception
 import dns.message
 import dns.rdatatype
 
@@ -102,16 +103,21 @@ class Bootstrap:
         self.lookups += 1
         errors = []
         for server in self.servers:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    results = await asyncio.gather(
-                        *(self._lookup(server, host, rdtype) for rdtype in ("AAAA", "A"))
-                    )
-            except (TimeoutError, UpstreamError) as exc:
-                errors.append(f"{server.name}: {exc or 'timeout'}")
+            # Each type on its own clock: a server that ignores AAAA (some home routers
+            # do) must not cost the A records it did send.
+            results = await asyncio.gather(
+                *(
+                    asyncio.wait_for(self._lookup(server, host, rdtype), self.timeout)
+                    for rdtype in ("AAAA", "A")
+                ),
+                return_exceptions=True,
+            )
+            answered = [r for r in results if isinstance(r, tuple)]
+            if not answered:
+                errors.append(f"{server.name}: {_why(results[0])}")
                 continue
-            addresses = [a for found, _ in results for a in found]
-            ttls = [ttl for found, ttl in results if found]
+            addresses = [a for found, _ in answered for a in found]
+            ttls = [ttl for found, ttl in answered if found]
             return addresses, min(ttls) if ttls else MIN_TTL
         raise UpstreamError(f"cannot resolve {host} through the bootstrap: " + "; ".join(errors))
 
@@ -136,6 +142,19 @@ class Bootstrap:
         except OSError as exc:
             raise UpstreamError(f"cannot resolve {host}: {exc}") from None
         return [str(info[4][0]) for info in infos], MIN_TTL
+
+
+def _why(failure: object) -> str:
+    """A failed lookup in words; anything but a timeout, an upstream error or a
+    malformed answer is a bug and is raised."""
+    if isinstance(failure, TimeoutError):
+        return "no answer (timeout)"
+    if isinstance(failure, UpstreamError):
+        return str(failure)
+    if isinstance(failure, dns.exception.DNSException):
+        return f"bad answer ({failure})"
+    assert isinstance(failure, BaseException)
+    raise failure
 
 
 def _server_url(text: str) -> UpstreamUrl:
@@ -196,6 +215,7 @@ def check_no_loop(
     *,
     bootstrap: bool,
     nameservers: list[str] | None = None,
+    servers: Iterable[str] = (),
 ) -> None:
     """Refuse to start when an upstream name would be resolved through ourselves.
 
@@ -204,7 +224,21 @@ def check_no_loop(
     has no ports). Raises :class:`BootstrapError` with what to add.
     """
     names = sorted({h for h in upstream_hosts if not is_ip_literal(h)})
-    if bootstrap or not names:
+    if not names:
+        return
+    for text in servers:  # ``IP:PORT`` of --bootstrap: one of our own listeners?
+        url = _server_url(text)
+        target = ipaddress.ip_address(url.host)
+        for host, port in listen:
+            mine = ipaddress.ip_address(host)
+            if port == url.port and (
+                target == mine or (mine.is_unspecified and target.is_loopback)
+            ):
+                raise BootstrapError(
+                    f"--bootstrap {text} is doqproxy itself, so it cannot look up "
+                    f"{names[0]}: name another DNS server (e.g. your router or 9.9.9.9)"
+                )
+    if bootstrap:
         return
     ours = {ipaddress.ip_address(host) for host, port in listen if port == 53}
     unspecified = {a for a in ours if a.is_unspecified}

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.padding import repad
 from doqproxy.dns.wire import Question
+from doqproxy.upstream import answered
 from doqproxy.upstream.base import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,13 @@ class FallbackUpstream:
             outgoing = message
             if upstream.pad_block != self.pad_block:
                 outgoing = repad(message, upstream.pad_block)
+            since = answered.mark()
             try:
                 answer = await upstream.query(outgoing, question)
             except UpstreamError as exc:
                 errors.append(f"{upstream.name}: {exc}")
                 continue
+            answered.note(upstream.name, since)
             self.answered_by_fallback += 1
             return answer
         raise UpstreamError(

@@ -215,6 +215,7 @@ class PlainUpstream:
         for n, slot in enumerate(self._slots):
             if slot is shared:
                 self._slots[n] = None
+        self._retire(shared)  # out of the slots: nobody else would ever close it
 
     async def _tcp(self, message: bytes) -> bytes:
         msg_id = fresh_id()

@@ -20,17 +20,17 @@ import dataclasses
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-
-from aioquic.quic.configuration import QuicConfiguration
+from typing import Any
 
 from doqproxy.dns import wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
 from doqproxy.doq import framing
 from doqproxy.net.addresses import UpstreamUrl
-from doqproxy.upstream import bootstrap, pool_policy
+from doqproxy.upstream import bootstrap, engine, pool_policy
 from doqproxy.upstream.base import UpstreamError
 from doqproxy.upstream.doq_connection import ConnectionLost, DoqConnection
 from doqproxy.upstream.tickets import TicketFile, upstream_key
@@ -59,6 +59,9 @@ class PoolStats:
     queue_full: int = 0
     idle_closed: int = 0
     closes_by_code: dict[int, int] = field(default_factory=dict)
+    datagrams_sent: int = 0
+    """Datagrams sent on connections that are closed now (see DoqUpstream.datagrams)."""
+    datagrams_received: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,6 +84,8 @@ class PoolSettings:
     """Seconds after which a connection takes no new queries and is closed once idle."""
     handshake_timeout: float = 5.0
     """Seconds a handshake may take before the connection counts as failed (backoff)."""
+    quic_engine: str = engine.NAME
+    """The QUIC engine of the connections (see upstream/engine.py)."""
 
 
 class DoqUpstream:
@@ -89,7 +94,7 @@ class DoqUpstream:
     def __init__(
         self,
         url: UpstreamUrl,
-        configuration: QuicConfiguration,
+        configuration: Any,
         settings: PoolSettings = PoolSettings(),
         *,
         tickets: TicketFile | None = None,
@@ -108,6 +113,8 @@ class DoqUpstream:
         """The address whose handshake last succeeded; new connections go there."""
         self._failed_at: dict[tuple[str, int], float] = {}
         self._rescue: asyncio.Task[None] | None = None
+        self._superseded: weakref.WeakSet[DoqConnection] = weakref.WeakSet()
+        """Connections closed because another address won: not failures."""
         self.name = str(url)
         self.settings = settings
         self.pad_block = settings.pad_block
@@ -170,12 +177,21 @@ class DoqUpstream:
         self.tickets.save()
 
     @property
-    def configuration(self) -> QuicConfiguration:
+    def configuration(self) -> Any:
+        """The QUIC engine's client configuration, with our idle timeout."""
         return self._configuration
 
     @property
     def connections(self) -> list[DoqConnection]:
         return list(self._connections)
+
+    def datagrams(self) -> tuple[int, int]:
+        """QUIC datagrams sent to and received from the server so far."""
+        sent, received = self.stats.datagrams_sent, self.stats.datagrams_received
+        for conn in self._connections:
+            out, back = conn.datagrams
+            sent, received = sent + out, received + back
+        return sent, received
 
     @property
     def in_flight(self) -> int:
@@ -285,6 +301,7 @@ class DoqUpstream:
             token_handler=lambda token: self.tickets.set_token(self._key, token),
             on_dead=self._forget,
             on_credit=self._on_credit,
+            quic_engine=self.settings.quic_engine,
         )
         conn.dead_after = self.settings.dead_after
         conn.handshake_timeout = self.settings.handshake_timeout
@@ -334,6 +351,7 @@ class DoqUpstream:
             assert isinstance(winner, DoqConnection)
             self._register(winner)
             if not first.handshake_complete:
+                self._superseded.add(first)
                 first.close(framing.DoqError.NO_ERROR, "another address answered first")
 
     def _rescued(self, task: asyncio.Task[None]) -> None:
@@ -376,6 +394,7 @@ class DoqUpstream:
     def start(self) -> None:
         """Prepare a first flight now (in the background: a host-name upstream may need
         a lookup) and start the once-a-second upkeep."""
+        log.info("%s: QUIC engine %s", self.name, engine.describe())
         task = asyncio.ensure_future(self.prepare())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -461,6 +480,8 @@ class DoqUpstream:
     def _on_handshake(self, conn: DoqConnection) -> None:
         info = conn.info
         if conn.handshake_done.cancelled() or conn.handshake_done.exception() is not None:
+            if conn in self._superseded:
+                return
             if self._preferred == conn.address:
                 self._preferred = None
             if self.forget is not None:
@@ -481,9 +502,9 @@ class DoqUpstream:
         stats.early_data_sent += info.early_data_sent
         stats.early_data_accepted += bool(info.early_data_accepted)
         if self.on_handshake is not None:
-            loss = conn.quic._loss
-            if loss._rtt_initialized:
-                self.on_handshake(loss._rtt_smoothed)
+            srtt = conn.smoothed_rtt
+            if srtt is not None:
+                self.on_handshake(srtt)
 
     def _on_credit(self, conn: DoqConnection) -> None:
         """More queries fit on ``conn``: wake as many of those queued for capacity."""
@@ -495,6 +516,9 @@ class DoqUpstream:
         """Called by a connection when it dies: drop it and release its socket."""
         if conn in self._connections:
             self._connections.remove(conn)
+        out, back = conn.datagrams
+        self.stats.datagrams_sent += out
+        self.stats.datagrams_received += back
         code = conn.info.close_code
         if code is not None:
             self.stats.closes_by_code[code] = self.stats.closes_by_code.get(code, 0) + 1

@@ -22,12 +22,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dns.message
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
-from aioquic.tls import SessionTicket
 
 from doqproxy.doq import framing
 from doqproxy.net.addresses import UpstreamUrl
@@ -134,7 +134,7 @@ async def _probe(settings: ProbeSettings) -> ProbeResult:
         configuration = dataclasses.replace(configuration)
         configuration.session_ticket = tickets.take(ticket_key)
 
-    def keep_ticket(ticket: SessionTicket) -> None:
+    def keep_ticket(ticket: Any) -> None:
         if tickets is not None:
             tickets.add(ticket_key, ticket)
             saved[0] += 1
@@ -163,8 +163,7 @@ async def _probe(settings: ProbeSettings) -> ProbeResult:
         if tickets is not None:
             tickets.save()
     info = conn.info
-    tls = conn.quic.tls
-    cipher = "TLS_" + tls.key_schedule.cipher_suite.name if tls.key_schedule is not None else None
+    cipher = conn.cipher
     try:
         response = dns.message.from_wire(answer)
     except Exception as exc:
@@ -185,7 +184,7 @@ async def _probe(settings: ProbeSettings) -> ProbeResult:
         early_data_sent=info.early_data_sent,
         early_data_accepted=info.early_data_accepted,
         alpn=info.alpn,
-        # aioquic offers and accepts only TLS 1.3, so a completed handshake means 1.3.
+        # QUIC is TLS 1.3 only (RFC 9001), so a completed handshake means 1.3.
         tls_version="TLSv1.3" if info.handshake_at is not None else None,
         cipher=cipher,
         ticket_offered=configuration.session_ticket is not None,

@@ -36,7 +36,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from aioquic.tls import CipherSuite, SessionTicket
+from doqproxy.upstream import engine
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,17 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def ticket_to_json(ticket: SessionTicket) -> dict[str, Any]:
+def _aware(moment: datetime.datetime) -> datetime.datetime:
+    """qh3 keeps ticket dates as naive UTC, aioquic as aware UTC: compare them aware."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=datetime.UTC)
+
+
+def ticket_to_json(ticket: Any) -> dict[str, Any]:
     return {
         "age_add": ticket.age_add,
         "cipher_suite": int(ticket.cipher_suite),
-        "not_valid_after": ticket.not_valid_after.isoformat(),
-        "not_valid_before": ticket.not_valid_before.isoformat(),
+        "not_valid_after": _aware(ticket.not_valid_after).isoformat(),
+        "not_valid_before": _aware(ticket.not_valid_before).isoformat(),
         "resumption_secret": _b64(ticket.resumption_secret),
         "server_name": ticket.server_name,
         "ticket": _b64(ticket.ticket),
@@ -111,17 +116,21 @@ def ticket_to_json(ticket: SessionTicket) -> dict[str, Any]:
     }
 
 
-def ticket_from_json(data: dict[str, Any]) -> SessionTicket:
+def ticket_from_json(data: dict[str, Any]) -> Any:
+    classes = engine.get()  # the selected engine's ticket type (aioquic's and qh3's match)
+
     def when(text: str) -> datetime.datetime:
         moment = datetime.datetime.fromisoformat(text)
         if moment.tzinfo is None:
             raise ValueError("ticket date without a time zone")
+        if classes.NAIVE_TICKET_DATES:
+            return moment.astimezone(datetime.UTC).replace(tzinfo=None)
         return moment
 
     max_early = data.get("max_early_data_size")
-    return SessionTicket(
+    return classes.SessionTicket(
         age_add=int(data["age_add"]),
-        cipher_suite=CipherSuite(int(data["cipher_suite"])),
+        cipher_suite=classes.CipherSuite(int(data["cipher_suite"])),
         not_valid_after=when(data["not_valid_after"]),
         not_valid_before=when(data["not_valid_before"]),
         resumption_secret=base64.b64decode(data["resumption_secret"], validate=True),
@@ -154,7 +163,7 @@ class TicketFile:
         self.path = None if directory is None else directory / FILE_NAME
         self.keep = keep
         self.save_delay = save_delay
-        self._tickets: dict[str, list[SessionTicket]] = {}
+        self._tickets: dict[str, list[Any]] = {}
         self._tokens: dict[str, bytes] = {}
         self._dirty = False
         self._pending: asyncio.TimerHandle | None = None
@@ -166,14 +175,14 @@ class TicketFile:
 
     # --- tickets and tokens --------------------------------------------------
 
-    def add(self, key: str, ticket: SessionTicket) -> None:
+    def add(self, key: str, ticket: Any) -> None:
         tickets = self._tickets.setdefault(key, [])
         tickets.append(ticket)
         del tickets[: -self.keep]
         self._dirty = True
         self._save_soon()
 
-    def take(self, key: str) -> SessionTicket | None:
+    def take(self, key: str) -> Any:
         """The newest valid ticket for ``key``, removed so it is used only once."""
         tickets = self._tickets.get(key, [])
         while tickets:
@@ -183,7 +192,7 @@ class TicketFile:
                 return ticket
         return None
 
-    def restore(self, key: str, ticket: SessionTicket) -> None:
+    def restore(self, key: str, ticket: Any) -> None:
         """Put back a ticket that was taken but never sent (saved with the next write)."""
         tickets = self._tickets.setdefault(key, [])
         tickets.append(ticket)
@@ -278,7 +287,7 @@ class TicketFile:
         data = {
             "version": FORMAT_VERSION,
             "tickets": {
-                key: [ticket_to_json(t) for t in items if t.not_valid_after > now]
+                key: [ticket_to_json(t) for t in items if _aware(t.not_valid_after) > now]
                 for key, items in self._tickets.items()
                 if items
             },

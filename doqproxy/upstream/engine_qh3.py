@@ -1,0 +1,278 @@
+"""The qh3 engine (optional): a client QUIC session on qh3, aioquic's fork with a Rust core.
+
+qh3 keeps aioquic's sans-I/O API, so this mirrors :mod:`engine_aioquic` without
+its internals: the stream limit and the packets in flight come from qh3's core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import qh3
+from qh3.asyncio.protocol import QuicConnectionProtocol
+from qh3.quic import events
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
+from qh3.tls import CipherSuite, SessionTicket
+
+from doqproxy.doq import framing
+from doqproxy.upstream.engine import SessionClosed, SessionOwner
+
+NAME = "qh3"
+NAIVE_TICKET_DATES = True
+"""Whether session tickets carry naive UTC dates (qh3) or aware ones (aioquic)."""
+__all__ = [
+    "NAIVE_TICKET_DATES",
+    "NAME",
+    "CipherSuite",
+    "SessionTicket",
+    "client_configuration",
+    "new_session",
+    "warm_up",
+]
+
+_END_STATES = (
+    QuicConnectionState.CLOSING,
+    QuicConnectionState.DRAINING,
+    QuicConnectionState.TERMINATED,
+)
+
+
+def version() -> str:
+    return str(qh3.__version__)
+
+
+class _ConnectedTransport:
+    """Sends on the connected socket without an address, and counts."""
+
+    __slots__ = ("_transport", "sent")
+
+    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+        self._transport = transport
+        self.sent = 0
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        self.sent += 1
+        self._transport.sendto(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
+    owner: SessionOwner
+    connected: _ConnectedTransport | None = None
+    received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connected = _ConnectedTransport(cast(asyncio.DatagramTransport, transport))
+        super().connection_made(cast(asyncio.BaseTransport, self.connected))
+        self._sendto_many = None  # one sendto per datagram, through the counter
+
+    def quic_event_received(self, event: Any) -> None:
+        owner = self.owner
+        if isinstance(event, events.StreamDataReceived):
+            owner.on_stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, events.StreamReset):
+            owner.on_stream_reset(event.stream_id, event.error_code)
+        elif isinstance(event, events.HandshakeCompleted):
+            owner.on_handshake(
+                event.alpn_protocol, bool(event.session_resumed), bool(event.early_data_accepted)
+            )
+        elif isinstance(event, events.ConnectionTerminated):
+            owner.on_terminated(event.error_code, event.reason_phrase, draining=False)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.received += 1
+        quic = self._quic
+        quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        self._process_events()
+        if quic._handshake_confirmed:
+            self._transmit_soon()
+        else:
+            self.transmit()
+        close = quic._close_event
+        if quic._state in _END_STATES and close is not None:
+            self.owner.on_terminated(close.error_code, close.reason_phrase, draining=True)
+        else:
+            self.owner.on_datagram()
+
+    def _transmit_soon(self) -> None:
+        if self._transmit_task is None:
+            self._transmit_task = self._loop.call_soon(self.transmit)
+
+    def error_received(self, exc: Exception) -> None:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        self.owner.on_unreachable(reason)
+
+
+class Qh3Session:
+    """A :class:`~doqproxy.upstream.engine.ClientSession` on qh3."""
+
+    def __init__(
+        self,
+        owner: SessionOwner,
+        configuration: QuicConfiguration,
+        *,
+        ticket_handler: Callable[[Any], None] | None = None,
+        token_handler: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._owner = owner
+        self._configuration = configuration
+        self.quic = QuicConnection(
+            configuration=configuration, session_ticket_handler=ticket_handler
+        )
+        self._protocol: _Protocol | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+
+    async def open(self, address: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        quic = self.quic
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _Protocol(quic), family=family, remote_addr=address
+        )
+        self._transport = transport
+        self._protocol = protocol
+        protocol.owner = self._owner
+        peer = transport.get_extra_info("peername") or address
+        quic.connect(tuple(peer), now=loop.time())  # the first flight waits for a flush
+
+    def transmit_soon(self) -> None:
+        if self._protocol is not None:
+            self._protocol._transmit_soon()
+
+    def send_query(self, data: bytes) -> int:
+        quic = self.quic
+        stream_id = quic.get_next_available_stream_id()
+        try:
+            quic.send_stream_data(stream_id, data, end_stream=True)
+        except QuicConnectionError as exc:  # the peer closed; the event has not surfaced
+            raise SessionClosed(exc.reason_phrase or str(exc)) from None
+        return stream_id
+
+    def cancel_stream(self, stream_id: int, error_code: int) -> None:
+        quic = self.quic
+        try:
+            quic.reset_stream(stream_id, error_code)
+            quic.stop_stream(stream_id, error_code)
+        except Exception:
+            pass
+        self.transmit_soon()
+
+    def ping(self) -> None:
+        self.quic.send_ping(0)
+        self.transmit_soon()
+
+    def close(self, error_code: int, reason: str) -> None:
+        self.quic.close(error_code=error_code, reason_phrase=reason)
+        if self._protocol is not None:
+            self._protocol.transmit()
+
+    async def wait_closed(self, grace: float) -> None:
+        if self._protocol is not None:
+            try:
+                async with asyncio.timeout(grace):
+                    await self._protocol.wait_closed()
+            except TimeoutError:
+                pass
+        if self._transport is not None:
+            self._transport.close()
+
+    def abandon(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    @property
+    def stream_limit(self) -> int:
+        quic = self.quic
+        core = quic._core
+        if core is None or not (quic._handshake_complete or quic._transport_parameters_applied):
+            remembered = quic._remembered_transport_parameters()
+            return 0 if remembered is None else int(remembered.initial_max_streams_bidi or 0)
+        return int(core.stream_limits[0])  # the peer's MAX_STREAMS for bidirectional streams
+
+    @property
+    def streams_opened(self) -> int:
+        return int(self.quic.get_next_available_stream_id() // 4)
+
+    @property
+    def probe_timeout(self) -> float:
+        core = self.quic._core
+        srtt = None if core is None else core.smoothed_rtt
+        return 0.2 if srtt is None else 2 * srtt + 0.025
+
+    @property
+    def smoothed_rtt(self) -> float | None:
+        core = self.quic._core
+        return None if core is None else core.smoothed_rtt
+
+    @property
+    def idle_timeout(self) -> float:
+        return float(self._configuration.idle_timeout)
+
+    def restart_idle_timer(self) -> None:
+        pass  # qh3's core counts from its last activity; a prepared flight sent nothing
+
+    @property
+    def datagrams(self) -> tuple[int, int]:
+        protocol = self._protocol
+        if protocol is None or protocol.connected is None:
+            return 0, 0
+        return protocol.connected.sent, protocol.received
+
+    @property
+    def cipher(self) -> str | None:
+        suite = self.quic.get_cipher()
+        return None if suite is None else "TLS_" + suite.name
+
+    @property
+    def peer_certificate(self) -> Any:
+        certificate = self.quic.get_peercert()
+        return None if certificate is None else certificate.public_bytes()
+
+
+def new_session(
+    owner: SessionOwner,
+    configuration: QuicConfiguration,
+    *,
+    ticket_handler: Callable[[Any], None] | None,
+    token_handler: Callable[[bytes], None] | None,
+) -> Qh3Session:
+    return Qh3Session(owner, configuration, ticket_handler=ticket_handler)
+
+
+def warm_up(configuration: QuicConfiguration) -> None:
+    """Build and discard one first flight, without sending it."""
+    quic = QuicConnection(configuration=dataclasses.replace(configuration))
+    quic.connect(("127.0.0.1", 853), now=time.monotonic())
+    quic.datagrams_to_send(now=time.monotonic())
+
+
+def client_configuration(
+    server_name: str,
+    *,
+    ca_file: str | None,
+    idle_timeout: float = 30.0,
+    **extra: Any,
+) -> QuicConfiguration:
+    """A strict-verification client configuration for DoQ."""
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[framing.ALPN],
+        server_name=server_name,
+        verify_mode=ssl.CERT_REQUIRED,
+        idle_timeout=idle_timeout,
+        **extra,
+    )
+    if ca_file is not None:
+        configuration.load_verify_locations(cafile=ca_file)
+    else:
+        configuration.load_verify_locations(cafile=ssl.get_default_verify_paths().cafile)
+    return configuration
