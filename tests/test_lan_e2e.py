@@ -25,7 +25,16 @@ import pytest
 
 from .conftest import ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
-from .lan_helpers import make_query, sample, scrape, send_raw_udp, tcp_ask, udp_burst, wait_for_line
+from .lan_helpers import (
+    make_query,
+    read_framed,
+    sample,
+    scrape,
+    send_raw_udp,
+    tcp_ask,
+    udp_burst,
+    wait_for_line,
+)
 
 StartProxy = Callable[..., ProxyProcess]
 
@@ -181,7 +190,7 @@ async def test_servfail_log_lines_are_aggregated(start_proxy: StartProxy, tmp_pa
     replies = await asyncio.to_thread(udp_burst, proxy.port, queries, quiet=4.0)
     assert len(replies) == 200 and all(r.rcode() == dns.rcode.SERVFAIL for r in replies)
     lines = [line for line in proxy.stderr().splitlines() if "SERVFAIL for a.test." in line]
-    assert 1 <= len(lines) <= 2, lines
+    assert 1 <= len(lines) <= 5, lines  # one per 10 s; 200 without aggregation
 
 
 async def test_query_log_is_not_world_readable(
@@ -225,17 +234,15 @@ async def test_tcp_slots_per_prefix_and_eviction_of_idle(
                 held.append(
                     socket.create_connection(("127.0.0.1", proxy.port), 10, (f"127.0.3.{i}", 0))
                 )
-            time.sleep(1.0)
-            closed = [s for s in held if _closed_by_peer(s)]
-            assert len(closed) == 4  # the last four, beyond the prefix's share
+            closed = _settle(held, 4)
+            assert len(closed) == 4  # four beyond the prefix's share
             # Other prefixes fill the table (16 slots, 2 of them the reserve).
             for i in range(8):
                 held.append(
                     socket.create_connection(("127.0.0.1", proxy.port), 10, (f"127.4.{i}.1", 0))
                 )
-            time.sleep(1.0)
-            open_ones = [s for s in held if not _closed_by_peer(s)]
-            assert len(open_ones) == 16
+            time.sleep(2.0)
+            assert sum(_closed_by_peer(s) for s in held) == 4  # 16 open
             # Full: a newcomer is served, and the oldest idle connection makes room.
             reply = tcp_ask(proxy.port, make_query("a.test.", msg_id=5), source="127.9.9.9")
             assert dns.message.from_wire(reply).answer
@@ -263,6 +270,20 @@ async def test_tcp_maximum_connection_age(
 
     lifetime = await asyncio.to_thread(scenario)
     assert lifetime < 30  # well below the idle timeout of 60 s
+
+
+def _settle(
+    socks: list[socket.socket], expected: int, timeout: float = 15.0
+) -> list[socket.socket]:
+    """The sockets the server has closed, once ``expected`` of them are (or at the timeout)."""
+    closed: list[socket.socket] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        closed += [s for s in socks if s not in closed and _closed_by_peer(s)]
+        if len(closed) >= expected:
+            break
+        time.sleep(0.1)
+    return closed
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -294,3 +315,37 @@ def _wait_for(path: Path, timeout: float = 10.0) -> bool:
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return path.exists()
+
+
+async def test_tcp_client_that_reads_late_gets_every_answer(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    """Answers queued while the client is behind (past the 64 KiB high-water mark)
+    all arrive, in full, once it reads: 100 pipelined 16 KB answers, 1.6 MB."""
+    proxy = start_proxy(upstream.port, cache=True)
+
+    def scenario() -> list[int]:
+        with socket.create_connection(("127.0.0.1", proxy.port), 10, ("127.0.5.1", 0)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for i in range(100):
+                data = make_query("big.test.", "TXT", msg_id=i)
+                sock.sendall(struct.pack("!H", len(data)) + data)
+            time.sleep(3.0)  # not reading: the answers pile up on the forwarder's side
+            sock.settimeout(20)
+            ids = []
+            for _ in range(100):
+                reply = dns.message.from_wire(read_framed(sock))
+                assert sum(len(rrset) for rrset in reply.answer) == 64
+                ids.append(reply.id)
+            return ids
+
+    ids = await asyncio.to_thread(scenario)
+    assert sorted(ids) == list(range(100))
+
+
+async def test_allow_any_warns_of_an_open_resolver(
+    upstream: DoqTestUpstream, start_proxy: StartProxy
+) -> None:
+    proxy = start_proxy(upstream.port, "--allow", "any")
+    log = await asyncio.to_thread(wait_for_line, proxy.stderr, "open resolver")
+    assert "WARNING" in log and "--allow any" in log

@@ -84,6 +84,12 @@ def counter(text: str, name: str, label: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def sent_upstream(text: str) -> float:
+    found = re.search(r"^doqproxy_upstream_queries_sent_total\{[^}]*\} (\S+)$", text, re.M)
+    assert found, text
+    return float(found.group(1))
+
+
 @pytest.fixture
 def lan() -> Iterator[Lan]:
     if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("dig") is None:
@@ -168,9 +174,12 @@ def test_off_lan_clients_are_refused(
     # On the LAN: answered over UDP and TCP.
     assert "192.0.2.80" in lan.dig(ON_LAN, "www.lan.test")
     assert "192.0.2.80" in lan.dig(ON_LAN, "www.lan.test", "+tcp")
+    sent = sent_upstream(lan.metrics())
+    assert sent == 2
     # Off the LAN: dropped over UDP, REFUSED over TCP, never forwarded.
     assert status(lan.dig(OFF_LAN, "www2.lan.test")) == "TIMEOUT"
     assert status(lan.dig(OFF_LAN, "www2.lan.test", "+tcp")) == "REFUSED"
+    assert sent_upstream(lan.metrics()) == sent
     # Cache snooping: RD=0 is refused from the LAN, allowed from loopback.
     assert status(lan.dig(ON_LAN, "www.lan.test", "+nordflag")) == "REFUSED"
     assert status(lan.dig("127.0.0.1", "www.lan.test", "+nordflag", server="127.0.0.1")) == (
@@ -179,7 +188,6 @@ def test_off_lan_clients_are_refused(
     metrics = lan.metrics()
     assert counter(metrics, "doqproxy_refused_total", 'reason="acl"') == 2
     assert counter(metrics, "doqproxy_refused_total", 'reason="snoop"') == 1
-    assert "www2.lan.test" not in upstream.stderr()
 
     # --refused-action refuse, and an explicit --allow replaces the LAN default.
     explicit = forward(
@@ -218,3 +226,32 @@ def test_sighup_reads_the_interfaces_again(
     wait_for_line(proxy.stderr, "203.0.113.0/24", timeout=15)
     time.sleep(0.2)
     assert status(lan.dig(OFF_LAN, "www.lan.test")) == "SERVFAIL"
+
+
+def test_lan_clients_are_rate_limited_by_default(
+    lan: Lan, certs: Certs, tmp_path: Path, processes: list[NsProcess]
+) -> None:
+    """100 queries a second per /24 when the listener is reachable from the LAN:
+    a burst of 400 from one LAN client gets about 100 answers and, for every second
+    query over the limit, an empty TC=1 reply."""
+    processes.append(forward(lan, certs, tmp_path, 53, "--metrics-listen", "127.0.0.1:9153"))
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+import dns.flags
+from tests.lan_helpers import make_query, udp_burst
+queries = [make_query("www.lan.test.", msg_id=i) for i in range(400)]
+replies = udp_burst(53, queries, source={ON_LAN!r}, host={SERVER!r}, quiet=4.0)
+print(len(replies), sum(1 for r in replies if r.flags & dns.flags.TC))
+"""
+    result = lan.run(lan.cli, sys.executable, "-c", code, timeout=120)
+    assert result.returncode == 0, result.stderr
+    total, slipped = map(int, result.stdout.split())
+    full = total - slipped
+    # No upstream runs, so the full replies are SERVFAIL: they spend the error bucket
+    # (20 a second) as well as the query bucket, which is what bounds them here.
+    assert 1 <= full <= 60, (total, slipped)
+    assert 100 <= slipped <= 200, (total, slipped)
+    metrics = lan.metrics()
+    assert counter(metrics, "doqproxy_ratelimited_total", 'action="slip"') == slipped
+    assert counter(metrics, "doqproxy_refused_total", 'reason="ratelimit"') >= 250

@@ -411,3 +411,46 @@ async def test_serve_user_drops_root_and_warns_only_as_root(
         connection.close()
     assert "running as root" not in dropped.log()
     assert "WARNING" in as_root.log() and "running as root" in as_root.log()
+
+
+async def test_options_as_environment_variables(
+    start_serve: Callable[..., ServeProcess],
+    serve_certs: ServeCerts,
+    zone_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DOQPROXY_SERVE_MAX_CONNECTIONS_PER_IP", "1")
+    server = serve_zone(start_serve, serve_certs, zone_file)
+    configuration = client_configuration(serve_certs.ca_file)
+    first = await open_from(server.port, "127.0.7.1", configuration)
+    second = await open_from(server.port, "127.0.7.1", configuration, wait=False)
+    try:
+        closed = await asyncio.wait_for(second.client.terminated, 10)
+        assert closed.reason_phrase == "too many connections from this address"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_bad_environment_value_is_one_line(serve_certs: ServeCerts, zone_file: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "doqproxy",
+            "serve",
+            "--cert",
+            serve_certs.cert_file,
+            "--key",
+            serve_certs.key_file,
+            "--zone",
+            zone_file,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ, DOQPROXY_SERVE_MAX_HANDSHAKES="many"),
+    )
+    assert result.returncode != 0
+    assert "Invalid value for '--max-handshakes'" in result.stderr
+    assert "Traceback" not in result.stderr

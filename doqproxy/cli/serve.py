@@ -60,7 +60,13 @@ def _backend(
     return ZoneBackend.from_file(zone, origin), ZONE_OPCODES
 
 
-@click.command()
+ENV_PREFIX = "DOQPROXY_SERVE"
+"""Every option is also an environment variable: ``--max-handshakes`` is
+``DOQPROXY_SERVE_MAX_HANDSHAKES`` (a prefix of its own, so that forward's
+``DOQPROXY_*`` settings never leak into serve)."""
+
+
+@click.command(context_settings={"auto_envvar_prefix": ENV_PREFIX})
 @click.option(
     "-l",
     "--listen",

@@ -92,7 +92,7 @@ class TcpFrontEnd:
         self.buffered = 0
         """Unsent octets across connections, as last seen (an upper bound)."""
         self._connections: dict[_Connection, None] = {}  # oldest first
-        self._refusing = 0
+        self._refused_writers: set[asyncio.StreamWriter] = set()
 
     @property
     def connections(self) -> int:
@@ -136,11 +136,11 @@ class TcpFrontEnd:
         """A client outside the access list: REFUSED to its first query, then closed.
         It takes no slot (or it could hold them all and lock out the LAN); at most
         :data:`MAX_REFUSING` such connections are kept at once, the rest closed unread."""
-        if self._refusing >= MAX_REFUSING:
+        if len(self._refused_writers) >= MAX_REFUSING:
             self.admission.stats.refused["acl"] += 1
             writer.close()
             return
-        self._refusing += 1
+        self._refused_writers.add(writer)
         try:
             async with asyncio.timeout(self.limits.message_timeout):
                 (length,) = _U16.unpack(await reader.readexactly(2))
@@ -152,7 +152,7 @@ class TcpFrontEnd:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            self._refusing -= 1
+            self._refused_writers.discard(writer)
             writer.close()
 
     def release(self, connection: _Connection) -> None:
@@ -164,6 +164,8 @@ class TcpFrontEnd:
 
     def note_buffered(self, connection: _Connection, size: int) -> None:
         """``connection`` now holds ``size`` unsent octets; shed load past the budget."""
+        if connection not in self._connections:
+            return  # closed already: its octets are no longer ours to count
         self.buffered += size - connection.buffered
         connection.buffered = size
         if self.buffered > self.limits.write_budget:
@@ -194,6 +196,8 @@ class TcpFrontEnd:
     def close_all(self) -> None:
         for connection in list(self._connections):
             connection.writer.close()
+        for writer in list(self._refused_writers):
+            writer.close()
 
 
 class _Connection:
