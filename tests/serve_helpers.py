@@ -28,6 +28,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.tls import SessionTicket
 
 from .conftest import ManagedProcess
+from .nobody import NobodyPython
 
 SERVER_NAME = "serve.doq.test"
 
@@ -98,10 +99,22 @@ def serve_command(*args: str) -> list[str]:
 class ServeProcess(ManagedProcess):
     """``doqproxy serve`` on 127.0.0.1, port chosen by the kernel; stopped by its own handle."""
 
-    def __init__(self, args: list[str], log_path: Path, prefix: list[str] | None = None) -> None:
-        """``prefix``: a command to run it under, e.g. prlimit."""
-        argv = [*(prefix or []), *serve_command("-l", "127.0.0.1:0", "-v", *args)]
-        super().__init__(argv, log_path)
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        prefix: list[str] | None = None,
+        python: NobodyPython | None = None,
+    ) -> None:
+        """``prefix``: a command to run it under, e.g. prlimit; ``python``: an interpreter
+        that ``nobody`` can run it with (for ``--user nobody``, see tests/nobody.py)."""
+        serve_args = ("serve", "-l", "127.0.0.1:0", "-v", *args)
+        if python is None:
+            argv = [*(prefix or []), *serve_command(*serve_args[1:])]
+            super().__init__(argv, log_path)
+        else:
+            argv = [*(prefix or []), *python.command(*serve_args)]
+            super().__init__(argv, log_path, python.environ())
         self.log_path = log_path
         self.port = self._wait_listening()
 
@@ -133,8 +146,8 @@ def start_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
     started: list[ServeProcess] = []
     directory = tmp_path_factory.mktemp("serve-logs")
 
-    def start(*args: str) -> ServeProcess:
-        server = ServeProcess(list(args), directory / f"serve-{len(started)}.log")
+    def start(*args: str, python: NobodyPython | None = None) -> ServeProcess:
+        server = ServeProcess(list(args), directory / f"serve-{len(started)}.log", python=python)
         started.append(server)
         return server
 

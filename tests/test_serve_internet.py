@@ -26,6 +26,7 @@ from doqproxy.doq.admission import Admission, AdmissionLimits
 from doqproxy.frontend.doq_guard import GuardedQuicServer
 
 from .conftest import free_port
+from .nobody import NobodyPython
 from .serve_helpers import (
     SERVER_NAME,
     RawConnection,
@@ -371,33 +372,17 @@ def test_allow_notify_needs_upstream_and_a_cidr(serve_certs: ServeCerts, zone_fi
 # --- privileges ------------------------------------------------------------------------
 
 
-def nobody_can_run_doqproxy() -> str | None:
-    """Why ``nobody`` cannot import doqproxy from this checkout, or None if it can."""
-    if os.geteuid() != 0:
-        return "needs root to switch users"
-    try:
-        result = subprocess.run(
-            [sys.executable, "-c", "import doqproxy.cli.serve"],
-            user="nobody",
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except OSError as exc:
-        return f"nobody cannot run {sys.executable}: {exc.strerror}"
-    if result.returncode != 0:
-        return f"nobody cannot read this checkout or interpreter: {result.stderr.strip()[-200:]}"
-    return None
-
-
 async def test_serve_user_drops_root_and_warns_only_as_root(
-    start_serve: Callable[..., ServeProcess], serve_certs: ServeCerts, zone_file: str
+    start_serve: Callable[..., ServeProcess],
+    serve_certs: ServeCerts,
+    zone_file: str,
+    nobody_python: NobodyPython,
 ) -> None:
-    reason = nobody_can_run_doqproxy()
-    if reason is not None:
-        pytest.skip(reason)
     # The certificate, key and zone are read before the switch: root-only files are fine.
-    dropped = serve_zone(start_serve, serve_certs, zone_file, "--user", "nobody")
+    dropped = start_serve(
+        "--cert", serve_certs.cert_file, "--key", serve_certs.key_file, "--zone", zone_file,
+        "--user", "nobody", python=nobody_python,
+    )  # fmt: skip
     as_root = serve_zone(start_serve, serve_certs, zone_file)
     status = await asyncio.to_thread(Path(f"/proc/{dropped.proc.pid}/status").read_text)
     uid = int(status.split("Uid:")[1].split()[1])
