@@ -8,9 +8,11 @@ import struct
 
 import dns.message
 import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 
 from doqproxy.frontend.access import AccessList
-from doqproxy.frontend.admission import AccessSettings, Admission
+from doqproxy.frontend.admission import AccessSettings, Admission, minimal_any_reply
 from doqproxy.frontend.inflight import InFlight
 from doqproxy.frontend.tcp import TcpFrontEnd, TcpLimits
 from doqproxy.net.addresses import parse_upstream
@@ -65,3 +67,15 @@ async def test_clients_outside_the_access_list_take_no_tcp_slot() -> None:
         server.close()
         front.close_all()
         await upstream.aclose()
+
+
+def test_minimal_any_answer_to_class_any_is_a_valid_record() -> None:
+    """RFC 8482 answer to ``ANY ANY``: the synthesized HINFO carried class ANY (255),
+    which only a question may have; it is class IN now."""
+    query = dns.message.make_query("example.com.", "ANY", rdclass="ANY")
+    reply = minimal_any_reply(query.to_wire())
+    assert reply is not None
+    parsed = dns.message.from_wire(reply)
+    assert query.is_response(parsed)
+    (rrset,) = parsed.answer
+    assert rrset.rdclass == dns.rdataclass.IN and rrset.rdtype == dns.rdatatype.HINFO

@@ -61,3 +61,34 @@ async def test_reload_with_routes_that_cannot_be_built_keeps_the_old_config(
         assert proxy.stop() == 0
     finally:
         proxy.stop()
+
+
+async def test_sighup_with_a_query_log_that_cannot_be_reopened_still_reloads(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP reopens the query log (rotation) before reloading; when the path could
+    not be opened (rotated away, and the new path not creatable), the OSError ended the
+    handler: a traceback, no reload, and systemd left waiting in RELOADING."""
+    port = free_port()
+    query_log = tmp_path / "queries.jsonl"
+    proxy = ProxyProcess(
+        [
+            "forward", "-l", f"127.0.0.1:{port}", "-u", f"quic://127.0.0.1:{free_port()}",
+            "--query-log", str(query_log), "--state-dir", str(tmp_path / "state"),
+        ],
+        port,
+        tmp_path / "p.log",
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(proxy.wait_ready)
+        assert await _localhost(port) == ["127.0.0.1"]
+        query_log.rename(tmp_path / "queries.jsonl.1")
+        query_log.mkdir()  # what is there now cannot be opened for writing
+        proxy.proc.send_signal(signal.SIGHUP)
+        await _wait_for_log(proxy, "reload: done")
+        assert "Traceback" not in proxy.stderr()
+        assert "cannot reopen the query log" in proxy.stderr()
+        assert await _localhost(port) == ["127.0.0.1"]
+        assert proxy.stop() == 0
+    finally:
+        proxy.stop()

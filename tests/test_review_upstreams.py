@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import dns.message
+import dns.rdatatype
+import dns.rrset
 import pytest
 from click.testing import CliRunner
 
@@ -150,3 +152,37 @@ def test_a_bootstrap_that_is_our_own_listener_refuses_to_start(tmp_path: Path) -
         assert "is doqproxy itself" in done.stderr
         assert "Traceback" not in done.stderr
     check_no_loop(["dns.example"], [("127.0.0.1", port)], bootstrap=True, servers=["127.0.0.1:53"])
+
+
+class NoAaaaBootstrap(asyncio.DatagramProtocol):
+    """Answers A with 127.0.0.9 and never answers AAAA (as some home routers do)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        query = dns.message.from_wire(data)
+        if query.question[0].rdtype != dns.rdatatype.A:
+            return
+        reply = dns.message.make_response(query)
+        reply.answer.append(
+            dns.rrset.from_text(query.question[0].name, 300, "IN", "A", "127.0.0.9")
+        )
+        self.transport.sendto(reply.to_wire(), addr)
+
+
+async def test_bootstrap_uses_the_a_records_when_aaaa_gets_no_answer() -> None:
+    """A and AAAA were asked together and both had to succeed: a bootstrap server that
+    ignores AAAA made every lookup fail after the timeout, though A had answered."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(NoAaaaBootstrap, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    try:
+        bootstrap = Bootstrap([f"127.0.0.1:{port}"], timeout=1.5)
+        assert await bootstrap.resolve("dns.example", 853) == [("127.0.0.9", 853)]
+    finally:
+        transport.close()

@@ -49,6 +49,14 @@ def test_slower_than_only_raises_the_estimate() -> None:
     assert health.srtt == pytest.approx(0.020)
 
 
+def test_silence_weighs_like_a_fall() -> None:
+    health = Health(srtt=0.010)
+    health.slower_than(0.050, now=1.0, silent=True)
+    assert health.srtt == pytest.approx(0.030)  # half way, not an eighth
+    health.slower_than(0.020, now=2.0, silent=True)
+    assert health.srtt == pytest.approx(0.030)  # a lower bound never lowers it
+
+
 def test_hard_failure_backs_off_exponentially_then_probes() -> None:
     health = Health(HealthSettings(backoff_base=1.0, backoff_cap=3.0))
     health.failed(Reason.TIMEOUT, "no reply", now=10.0)
@@ -192,14 +200,28 @@ def test_hedge_budget_allows_a_burst_then_a_share() -> None:
     assert budget.spend() and not budget.spend()
 
 
-async def test_over_the_hedge_budget_a_query_waits_for_its_upstream() -> None:
-    late, other = Fake("quic://a:853", after(0.2)), Fake("quic://b:853", after(0.0))
-    group = group_of(late, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.01)
+async def test_over_the_hedge_budget_the_hedge_waits_for_the_maximum_delay() -> None:
+    late, other = Fake("quic://a:853", after(0.1)), Fake("quic://b:853", after(0.0))
+    group = group_of(late, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.4)
     group.hedge_budget.tokens = 0.0
     data, question = make_question()
     assert wire.get_rcode(await group.query(data, question)) == dns.rcode.NOERROR
-    assert (late.calls, other.calls) == (1, 0)
+    assert (late.calls, other.calls) == (1, 0)  # answered before hedge-delay-max
     assert group.members[1].stats.hedged == 0
+
+
+async def test_over_the_hedge_budget_a_stalled_upstream_still_costs_one_hedge_max() -> None:
+    stalled, other = Fake("quic://a:853", never()), Fake("quic://b:853", after(0.0))
+    group = group_of(stalled, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.1)
+    group.hedge_budget.tokens = 0.0
+    data, question = make_question()
+    started = time.monotonic()
+    answer = await asyncio.wait_for(group.query(data, question), 3.0)
+    assert wire.get_rcode(answer) == dns.rcode.NOERROR
+    assert time.monotonic() - started < 3.0  # not the 4.75 s budget of the group
+    assert other.calls == 1 and group.members[1].stats.hedged == 1
+    health = group.members[0].health
+    assert health.srtt is not None and health.srtt > 0.001  # the silence raised it
 
 
 # --- the failure text -----------------------------------------------------------------
@@ -240,6 +262,39 @@ def test_health_file_round_trip(tmp_path: Path) -> None:
     assert b.state is State.BACKOFF and 50.0 <= b.retry_at <= 51.0
     assert "no reply" in b.last_error
     assert c.srtt is None and c.up
+
+
+def test_health_file_is_not_rewritten_for_small_srtt_drift(tmp_path: Path) -> None:
+    """The SRTT moves with every answer: only a real change (or a state change, or
+    shutdown, or ten minutes) rewrites the file, so a router's flash is spared."""
+    health = Health(srtt=0.010)
+    members = [Named("quic://a:853", health)]
+    store = HealthFile(tmp_path)
+    path = tmp_path / "upstreams.json"
+
+    def written() -> float | None:
+        srtt = json.loads(path.read_text())["upstreams"]["quic://a:853"]["srtt"]
+        return None if srtt is None else float(srtt)
+
+    store.save(members, 100.0)
+    assert written() == pytest.approx(0.010)
+    health.srtt = 0.0103  # 3 %: not worth a write
+    store.save(members, 105.0)
+    assert written() == pytest.approx(0.010)
+    health.srtt = 0.013  # 30 %: written at once
+    store.save(members, 110.0)
+    assert written() == pytest.approx(0.013)
+    health.srtt = 0.0132
+    store.save(members, 115.0)
+    assert written() == pytest.approx(0.013)
+    store.save(members, 115.0 + 600)  # drift is written after ten minutes
+    assert written() == pytest.approx(0.0132)
+    health.srtt = 0.0133
+    store.save(members, 720.0, force=True)  # shutdown
+    assert written() == pytest.approx(0.0133)
+    health.failed(Reason.TIMEOUT, "no reply", now=721.0)  # a state change: at once
+    store.save(members, 721.0)
+    assert json.loads(path.read_text())["upstreams"]["quic://a:853"]["state"] != "up"
 
 
 @pytest.mark.parametrize("kind", ["garbage", "version", "symlink", "fifo", "values"])
@@ -438,6 +493,23 @@ async def test_a_timer_firing_early_at_the_deadline_is_no_crash() -> None:
     assert "a timeout" in str(caught.value) and "b timeout" in str(caught.value)
 
 
+async def test_over_the_hedge_budget_an_upstream_that_answers_others_is_waited_for() -> None:
+    """Overload, not a stall: it answered something after this query went out."""
+    slow, other = Fake("quic://a:853", after(0.3)), Fake("quic://b:853", after(0.0))
+    group = group_of(slow, other, srtts=(0.001, 0.02), hedge_min=0.01, hedge_max=0.05)
+    group.hedge_budget.tokens = 0.0
+    data, question = make_question()
+
+    async def heard_meanwhile() -> None:
+        await asyncio.sleep(0.02)
+        group.members[0].health.last_heard = group.clock()
+
+    task = asyncio.ensure_future(heard_meanwhile())
+    assert wire.get_rcode(await group.query(data, question)) == dns.rcode.NOERROR
+    await task
+    assert (slow.calls, other.calls) == (1, 0)
+
+
 async def test_servfail_asks_one_other_upstream() -> None:
     bad = Fake("quic://a:853", after(0.0, dns.rcode.SERVFAIL))
     good = Fake("quic://b:853", after(0.0))
@@ -500,3 +572,11 @@ async def test_one_member_is_a_pass_through_with_the_members_error() -> None:
         await group.query(data, question)
     await group.aclose()
     assert only.closed
+
+
+def test_error_label_keeps_series_bounded() -> None:
+    from doqproxy.ops.metrics import error_label
+
+    first = error_label("unreachable (no handshake within 5s); next attempt in 1.2s")
+    assert first == error_label("unreachable (no handshake within 5s); next attempt in 3.75s")
+    assert "quic://192.0.2.1:853" in error_label("quic://192.0.2.1:853: refused")

@@ -259,9 +259,11 @@ def minimal_any_reply(data: bytes) -> bytes | None:
         opt = wire.encode_opt(1232, flags=question.edns.flags & wire.EDNS_DO)
     header = wire.response_header(question, wire.RCODE_NOERROR, counts=(1, 1, 0, 1 if opt else 0))
     rdata = b"\x07RFC8482\x00"
+    # QCLASS ANY (255) or NONE (254) is for questions only: the record is class IN.
+    rrclass = question.qclass if question.qclass < 254 else 1
     record = (
         b"\xc0\x0c"  # the owner is the question name
-        + struct.pack("!HHIH", 13, question.qclass, ANY_TTL, len(rdata))
+        + struct.pack("!HHIH", 13, rrclass, ANY_TTL, len(rdata))
         + rdata
     )
     tail = struct.pack("!HH", question.qtype, question.qclass)

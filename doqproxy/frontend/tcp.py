@@ -98,7 +98,7 @@ class TcpFrontEnd:
         self.buffered = 0
         """Unsent octets across connections, as last seen (an upper bound)."""
         self._connections: dict[_Connection, None] = {}  # oldest first
-        self._refusing = 0
+        self._refused_writers: set[asyncio.StreamWriter] = set()
         self._bodies: OrderedDict[tuple[int, bytes], bytes] = OrderedDict()
 
     @property
@@ -143,11 +143,11 @@ class TcpFrontEnd:
         """A client outside the access list: REFUSED to its first query, then closed.
         It takes no slot (or it could hold them all and lock out the LAN); at most
         :data:`MAX_REFUSING` such connections are kept at once, the rest closed unread."""
-        if self._refusing >= MAX_REFUSING:
+        if len(self._refused_writers) >= MAX_REFUSING:
             self.admission.stats.refused["acl"] += 1
             writer.close()
             return
-        self._refusing += 1
+        self._refused_writers.add(writer)
         try:
             async with asyncio.timeout(self.limits.message_timeout):
                 (length,) = _U16.unpack(await reader.readexactly(2))
@@ -159,7 +159,7 @@ class TcpFrontEnd:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            self._refusing -= 1
+            self._refused_writers.discard(writer)
             writer.close()
 
     def release(self, connection: _Connection) -> None:
@@ -218,6 +218,8 @@ class TcpFrontEnd:
     def close_all(self) -> None:
         for connection in list(self._connections):
             connection.writer.close()
+        for writer in list(self._refused_writers):
+            writer.close()
 
 
 class _Connection:

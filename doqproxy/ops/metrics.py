@@ -10,6 +10,7 @@ and copies dicts, both atomic under the GIL.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,7 @@ from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
 from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
-from doqproxy.upstream import doq_connection
+from doqproxy.upstream import engine
 from doqproxy.upstream.group import Member, UpstreamGroup
 from doqproxy.upstream.health import Reason, State
 from doqproxy.upstream.pool import DoqUpstream
@@ -76,8 +77,17 @@ def counters(
 
 
 def quic_engine() -> str:
-    """The QUIC library the DoQ client runs on (``QUIC_ENGINE`` where the client names one)."""
-    return str(getattr(doq_connection, "QUIC_ENGINE", "aioquic"))
+    """The QUIC library the DoQ client runs on (``--quic-engine``)."""
+    return engine.NAME
+
+
+_DURATION = re.compile(r"\b\d+(?:\.\d+)?\s?(?:ms|s)\b")
+
+
+def error_label(text: str) -> str:
+    """An error text fit for a label: durations ("next attempt in 3.2s") become "Ns",
+    so that each new wait is not a new Prometheus series."""
+    return _DURATION.sub("Ns", text)[:200]
 
 
 def close_code_label(code: int) -> str:
@@ -344,7 +354,7 @@ class ForwardCollector(Collector):
             for each in State:
                 state.add_metric([member.name, str(each)], float(health.state is each))
             if health.last_error:
-                last_error.add_metric([member.name, health.last_error[:200]], 1)
+                last_error.add_metric([member.name, error_label(health.last_error)], 1)
             queued.add_metric([member.name], member.queued)
         yield from (failures, srtt, state, last_error, queued)
 

@@ -160,7 +160,12 @@ class QueryLog:
     def reopen(self) -> None:
         """For log rotation (SIGHUP): close and open the path again."""
         if self.target != "-":
-            old, self._stream = self._stream, self._open()
+            try:
+                fresh = self._open()
+            except OSError as exc:  # keep writing where we were; the reload goes on
+                log.warning("cannot reopen the query log %s: %s", self.target, exc)
+                return
+            old, self._stream = self._stream, fresh
             old.close()
 
     def write(self, record: dict[str, Any]) -> None:

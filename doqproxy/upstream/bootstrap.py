@@ -103,19 +103,21 @@ class Bootstrap:
         self.lookups += 1
         errors = []
         for server in self.servers:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    results = await asyncio.gather(
-                        *(self._lookup(server, host, rdtype) for rdtype in ("AAAA", "A"))
-                    )
-            except (TimeoutError, UpstreamError) as exc:
-                errors.append(f"{server.name}: {exc or 'timeout'}")
+            # Each type on its own clock: a server that ignores AAAA (some home routers
+            # do) must not cost the A records it did send.
+            results = await asyncio.gather(
+                *(
+                    asyncio.wait_for(self._lookup(server, host, rdtype), self.timeout)
+                    for rdtype in ("AAAA", "A")
+                ),
+                return_exceptions=True,
+            )
+            answered = [r for r in results if isinstance(r, tuple)]
+            if not answered:
+                errors.append(f"{server.name}: {_why(results[0])}")
                 continue
-            except dns.exception.DNSException as exc:  # a malformed answer
-                errors.append(f"{server.name}: bad answer ({exc})")
-                continue
-            addresses = [a for found, _ in results for a in found]
-            ttls = [ttl for found, ttl in results if found]
+            addresses = [a for found, _ in answered for a in found]
+            ttls = [ttl for found, ttl in answered if found]
             return addresses, min(ttls) if ttls else MIN_TTL
         raise UpstreamError(f"cannot resolve {host} through the bootstrap: " + "; ".join(errors))
 
@@ -140,6 +142,19 @@ class Bootstrap:
         except OSError as exc:
             raise UpstreamError(f"cannot resolve {host}: {exc}") from None
         return [str(info[4][0]) for info in infos], MIN_TTL
+
+
+def _why(failure: object) -> str:
+    """A failed lookup in words; anything but a timeout, an upstream error or a
+    malformed answer is a bug and is raised."""
+    if isinstance(failure, TimeoutError):
+        return "no answer (timeout)"
+    if isinstance(failure, UpstreamError):
+        return str(failure)
+    if isinstance(failure, dns.exception.DNSException):
+        return f"bad answer ({failure})"
+    assert isinstance(failure, BaseException)
+    raise failure
 
 
 def _server_url(text: str) -> UpstreamUrl:

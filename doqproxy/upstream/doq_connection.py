@@ -22,7 +22,7 @@ from doqproxy.dns.ede import Ede
 from doqproxy.doq import framing
 from doqproxy.upstream import engine, engine_aioquic  # noqa: F401 - see engine.get
 from doqproxy.upstream.base import UpstreamError
-from doqproxy.upstream.engine import ClientSession
+from doqproxy.upstream.engine import ClientSession, SessionClosed
 from doqproxy.upstream.pins import PinMismatch, check_pin
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,12 @@ class DoqConnection:
             raise ConnectionLost("connection is closed")
         if not self.handshake_done.done():
             self.info.early_data_sent = True
-        stream_id = session.send_query(framing.frame(message))
+        try:
+            stream_id = session.send_query(framing.frame(message))
+        except SessionClosed as exc:
+            lost = ConnectionLost(f"connection closed: {exc}")
+            self._fail(lost)
+            raise lost from None
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = (framing.StreamReader(), future)
         self.flush()
@@ -288,7 +293,8 @@ class DoqConnection:
 
         Liveness is judged at the QUIC level: while queries are pending, some
         ack-eliciting packet of ours is always outstanding (a query, or else a
-        PING sent for the purpose), and the server must acknowledge it. If not a
+        PING sent for the purpose, at most one per window), and the server must
+        acknowledge it. If not a
         single packet arrives from the server for a whole
         :attr:`liveness_window`, the connection is declared lost and its queries
         fail with :class:`ConnectionLost`, which the pool retries. A server that
@@ -296,9 +302,8 @@ class DoqConnection:
         """
         if self._watchdog is not None or not self.handshake_complete or self.dead:
             return
-        session = self.session
-        if not sending and not session.awaiting_ack:
-            session.ping()  # else the query about to leave is the packet to acknowledge
+        if not sending:  # else the query about to leave is the packet to acknowledge
+            self.session.ping()
         self._heard_mark = self.last_heard
         loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(self.liveness_window, self._check_liveness)

@@ -22,6 +22,10 @@ ENGINES = ("aioquic", "qh3")
 """Engines this build knows."""
 
 
+class SessionClosed(Exception):
+    """The engine found the connection closed (by the peer) before it said so."""
+
+
 class SessionOwner(Protocol):
     """What a session reports to (a :class:`DoqConnection`)."""
 
@@ -52,7 +56,8 @@ class ClientSession(Protocol):
         """Send what is pending at the end of this event-loop turn."""
 
     def send_query(self, data: bytes) -> int:
-        """Open the next bidirectional stream, write ``data`` and FIN; its ID."""
+        """Open the next bidirectional stream, write ``data`` and FIN; its ID.
+        Raises :class:`SessionClosed` when the connection turns out to be closed."""
 
     def cancel_stream(self, stream_id: int, error_code: int) -> None:
         """RESET_STREAM and STOP_SENDING, only for a stream the peer allowed."""
@@ -74,10 +79,6 @@ class ClientSession(Protocol):
     @property
     def streams_opened(self) -> int:
         """Bidirectional streams opened so far."""
-
-    @property
-    def awaiting_ack(self) -> bool:
-        """An ack-eliciting 1-RTT packet of ours awaits its acknowledgement."""
 
     @property
     def probe_timeout(self) -> float:

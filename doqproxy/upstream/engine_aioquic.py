@@ -273,10 +273,6 @@ class AioquicSession:
         return self.quic._local_next_stream_id_bidi // 4
 
     @property
-    def awaiting_ack(self) -> bool:
-        return bool(self.quic._spaces[Epoch.ONE_RTT].ack_eliciting_in_flight)
-
-    @property
     def probe_timeout(self) -> float:
         return self.quic._loss.get_probe_timeout()
 

@@ -18,11 +18,11 @@ import qh3
 from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection, QuicConnectionState
+from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
 from qh3.tls import CipherSuite, SessionTicket
 
 from doqproxy.doq import framing
-from doqproxy.upstream.engine import SessionOwner
+from doqproxy.upstream.engine import SessionClosed, SessionOwner
 
 NAME = "qh3"
 NAIVE_TICKET_DATES = True
@@ -151,7 +151,10 @@ class Qh3Session:
     def send_query(self, data: bytes) -> int:
         quic = self.quic
         stream_id = quic.get_next_available_stream_id()
-        quic.send_stream_data(stream_id, data, end_stream=True)
+        try:
+            quic.send_stream_data(stream_id, data, end_stream=True)
+        except QuicConnectionError as exc:  # the peer closed; the event has not surfaced
+            raise SessionClosed(exc.reason_phrase or str(exc)) from None
         return stream_id
 
     def cancel_stream(self, stream_id: int, error_code: int) -> None:
@@ -189,23 +192,15 @@ class Qh3Session:
     @property
     def stream_limit(self) -> int:
         quic = self.quic
-        next_id = quic.get_next_available_stream_id()
         core = quic._core
         if core is None or not (quic._handshake_complete or quic._transport_parameters_applied):
             remembered = quic._remembered_transport_parameters()
             return 0 if remembered is None else int(remembered.initial_max_streams_bidi or 0)
-        # qh3 tells whether a stream may be opened, not the limit: report one more
-        # than those opened while the next is allowed.
-        return next_id // 4 + (1 if core.can_send_stream(next_id) else 0)
+        return int(core.stream_limits[0])  # the peer's MAX_STREAMS for bidirectional streams
 
     @property
     def streams_opened(self) -> int:
         return int(self.quic.get_next_available_stream_id() // 4)
-
-    @property
-    def awaiting_ack(self) -> bool:
-        core = self.quic._core
-        return core is not None and bool(core.outstanding_application_packets)
 
     @property
     def probe_timeout(self) -> float:

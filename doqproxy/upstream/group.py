@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from doqproxy.dns import wire
 from doqproxy.dns.ede import Ede
+from doqproxy.dns.padding import repad
 from doqproxy.dns.wire import Question
 from doqproxy.upstream import selection
 from doqproxy.upstream.base import Upstream, UpstreamError
@@ -169,11 +170,11 @@ class UpstreamGroup:
         for task in list(self._side.values()):
             task.cancel()
         await asyncio.gather(*(m.upstream.aclose() for m in self.members), return_exceptions=True)
-        self.save()
+        self.save(force=True)
 
-    def save(self) -> None:
+    def save(self, *, force: bool = False) -> None:
         if self.health_file is not None:
-            self.health_file.save(self.members, self.clock())
+            self.health_file.save(self.members, self.clock(), force=force)
 
     async def _save_every(self, interval: float) -> None:
         while True:
@@ -229,6 +230,7 @@ class UpstreamGroup:
         second_chance = True
         position = 0
         last: _Attempt | None = None
+        denied: _Attempt | None = None  # the attempt whose early hedge the budget refused
 
         def launch(hedge: bool) -> None:
             nonlocal position, last
@@ -239,7 +241,8 @@ class UpstreamGroup:
             member.stats.queries_sent += 1
             member.stats.hedged += hedge
             assert member.call is not None
-            task = asyncio.ensure_future(member.call.query(message, question))
+            outgoing = self._for(member, message)
+            task = asyncio.ensure_future(member.call.query(outgoing, question))
             last = running[task] = _Attempt(member, self.clock(), hedge)
 
         for _ in range(plan.initial):
@@ -260,8 +263,12 @@ class UpstreamGroup:
                     launch(hedge=False)  # the last one failed: the next one at once
                     continue
                 wake = deadline
-                if can_launch and hedging and last is not None:
+                if fallback is not None:  # each one still asked gets its own hedge delay
+                    wake = min(wake, max(_due(a, settings) for a in running.values()))
+                elif can_launch and hedging and last is not None:
                     hedge = selection.hedge_delay(last.member.health, settings)
+                    if denied is last:
+                        hedge = max(hedge, settings.hedge_max)
                     wake = min(wake, last.started + hedge)
                 done, _ = await asyncio.wait(
                     running,
@@ -271,12 +278,25 @@ class UpstreamGroup:
                 if not done:
                     if self.clock() >= deadline:
                         break
-                    if wake >= deadline:
+                    if fallback is not None:  # the other upstream is late: pass the SERVFAIL on
+                        break
+                    if wake >= deadline or last is None:
                         continue  # the timer fired a hair early: wait out the rest
-                    if self.hedge_budget.spend():
+                    now = self.clock()
+                    # Late by 3 x its SRTT: that alone says it is slower than thought.
+                    health = last.member.health
+                    silent = health.last_heard < last.started
+                    health.slower_than(now - last.started, now, silent=silent)
+                    if denied is not last and self.hedge_budget.spend():
                         launch(hedge=True)
+                    elif denied is not last:
+                        denied = last  # over budget: hedge only at --hedge-delay-max...
+                    elif silent:
+                        launch(hedge=True)  # ...and only if it has gone silent
                     else:
-                        hedging = False  # over budget: this query waits, or fails over
+                        # It answers other queries, just late: we are overloaded, and
+                        # a hedge would only add load. This query waits for it.
+                        hedging = False
                     continue
                 for task in done:
                     attempt = running.pop(task)
@@ -304,6 +324,12 @@ class UpstreamGroup:
             raise UpstreamError(self.describe_failure(errors), Ede.NO_REACHABLE_AUTHORITY)
         finally:
             self._cancel_losers(running)
+
+    def _for(self, member: Member, message: bytes) -> bytes:
+        """``message`` (padded for the group) as ``member`` should get it: members of a
+        route may mix transports, and plain DNS gets no padding (RFC 8467)."""
+        block = member.upstream.pad_block
+        return message if block == self.pad_block else repad(message, block)
 
     def _outcome(
         self, task: asyncio.Task[bytes], attempt: _Attempt, errors: dict[Member, str]
@@ -336,6 +362,7 @@ class UpstreamGroup:
         """Record an answer; the reason when it is SERVFAIL or REFUSED."""
         now = self.clock()
         rtt = now - started
+        member.health.last_heard = now
         soft = _SOFT_RCODES.get(wire.get_rcode(answer)) if len(answer) >= 4 else Reason.PROTOCOL
         if soft is None:
             member.stats.answers += 1
@@ -391,7 +418,7 @@ class UpstreamGroup:
         limit = self.side_trip_limit
         try:
             async with asyncio.timeout(limit):
-                answer = await member.call.query(message, question)
+                answer = await member.call.query(self._for(member, message), question)
         except TimeoutError:
             text = f"no answer within {limit:.1f}s"
             member.health.failed(Reason.TIMEOUT, text, self.clock())
@@ -449,6 +476,11 @@ def fit(head: str, parts: Sequence[tuple[str, str]], budget: int) -> str:
         cut.append(text if len(text) <= allowed else text[: max(0, allowed - 1)] + "…")
     result = head + "; ".join(f"{n} {t}".rstrip() for n, t in zip(names, cut, strict=True))
     return result[:budget]
+
+
+def _due(attempt: _Attempt, settings: SelectionSettings) -> float:
+    """When ``attempt`` is late enough to hedge (or to give up on, after a SERVFAIL)."""
+    return attempt.started + selection.hedge_delay(attempt.member.health, settings)
 
 
 def _tell_caller(member: Member) -> None:

@@ -101,6 +101,8 @@ class Health:
     probe_started: float = 0.0
     last_sample: float = -math.inf
     """When the last RTT sample was taken (for exploration)."""
+    last_heard: float = -math.inf
+    """When the upstream last answered anything (SERVFAIL included)."""
     unmeasured: int = 0
     """Queries the group answered since the last RTT sample (for exploration)."""
     last_error: str = ""
@@ -120,15 +122,23 @@ class Health:
         self.last_sample = now
         self.unmeasured = 0
 
-    def slower_than(self, elapsed: float, now: float) -> None:
-        """No answer after ``elapsed`` seconds, when another upstream's answer won.
+    def slower_than(self, elapsed: float, now: float, *, silent: bool = False) -> None:
+        """No answer after ``elapsed`` seconds (a hedge went out, or another upstream's
+        answer won).
 
         Only a lower bound on the RTT, so it is used only when it raises the
         estimate: a stalled upstream's SRTT climbs with each such query until
-        the strategy prefers another one.
+        the strategy prefers another one. ``silent`` (nothing at all heard from
+        the upstream since the query went out) weighs it like a fall: one such
+        query is enough to move traffic away from a server that went dark.
         """
         if self.srtt is None or elapsed > self.srtt:
-            self.sample(elapsed, now)
+            if silent and self.srtt is not None:
+                self.srtt += self.settings.alpha_down * (elapsed - self.srtt)
+                self.last_sample = now
+                self.unmeasured = 0
+            else:
+                self.sample(elapsed, now)
 
     def answered(self, rtt: float, now: float) -> None:
         """A usable answer (neither SERVFAIL nor REFUSED) after ``rtt`` seconds.

@@ -39,6 +39,28 @@ class Named(Protocol):
     health: Health
 
 
+SRTT_CHANGE = 0.1
+"""A relative SRTT change worth writing down at once."""
+REFRESH_INTERVAL = 600.0
+"""Seconds after which smaller SRTT drift is written too."""
+
+
+def _significant(old: dict[str, dict[str, Any]] | None, new: dict[str, dict[str, Any]]) -> bool:
+    """Whether ``new`` differs from what was written in a way ``fastest`` would notice."""
+    if old is None or old.keys() != new.keys():
+        return True
+    for name, record in new.items():
+        before = old[name]
+        if any(record[key] != before[key] for key in ("state", "backoffs", "last_error")):
+            return True
+        a, b = before["srtt"], record["srtt"]
+        if (a is None) != (b is None):
+            return True
+        if a is not None and b is not None and abs(b - a) > SRTT_CHANGE * a + 0.0005:
+            return True
+    return False
+
+
 class HealthFile:
     """Reads once at start (:meth:`restore`), writes on :meth:`save` when changed."""
 
@@ -47,6 +69,8 @@ class HealthFile:
         self.save_errors = 0
         self._records: dict[str, dict[str, Any]] = {}
         self._last_written: str | None = None
+        self._last_records: dict[str, dict[str, Any]] | None = None
+        self._written_at = -math.inf
         if self.path is not None:
             self._records = self._load(self.path)
 
@@ -81,8 +105,15 @@ class HealthFile:
             cap = health.settings.backoff_cap
             health.retry_at = now + max(0.0, min(retry_in, cap))
 
-    def save(self, members: Sequence[Named], now: float) -> None:
-        """Write the file if anything changed; errors are logged, not raised."""
+    def save(self, members: Sequence[Named], now: float, *, force: bool = False) -> None:
+        """Write the file if something worth keeping changed; errors are logged, not raised.
+
+        The SRTT moves with every answer, so an SRTT change alone is written only when
+        it is more than :data:`SRTT_CHANGE` of the last written value, or after
+        :data:`REFRESH_INTERVAL`: a router's flash is not rewritten every few seconds.
+        A change of state, backoff or error is written at once, and ``force`` (at
+        shutdown) writes whatever changed.
+        """
         if self.path is None:
             return
         records: dict[str, dict[str, Any]] = {}
@@ -99,6 +130,12 @@ class HealthFile:
             }
         body = json.dumps(records, sort_keys=True)
         if body == self._last_written:
+            return
+        if (
+            not force
+            and now - self._written_at < REFRESH_INTERVAL
+            and not _significant(self._last_records, records)
+        ):
             return
         saved = time.time()
         for record in records.values():
@@ -123,6 +160,8 @@ class HealthFile:
                 tmp.unlink()
             return
         self._last_written = body
+        self._last_records = records
+        self._written_at = now
 
     @staticmethod
     def _load(path: Path) -> dict[str, dict[str, Any]]:

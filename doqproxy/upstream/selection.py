@@ -99,12 +99,16 @@ def hedge_delay(health: Health, settings: SelectionSettings) -> float:
 
 @dataclass(slots=True)
 class HedgeBudget:
-    """Caps hedges at ``ratio`` of all queries, plus a burst of ``burst``.
+    """Caps early hedges at ``ratio`` of all queries, plus a burst of ``burst``.
 
     When every answer is late because the machine or the network is overloaded,
-    hedging each query would double the load and make things worse; the burst
-    still covers an upstream that stalls all at once (every query in flight to
-    it needs a hedge) until its SRTT has moved traffic away.
+    hedging each query after 3 x SRTT would double the load and make things
+    worse; the burst still covers an upstream that stalls all at once (every
+    query in flight to it needs a hedge) until its SRTT has moved traffic away.
+    A query refused an early hedge still gets one at ``hedge_max`` if its
+    upstream has answered nothing since the query went out (it has stalled, so
+    it must not cost the whole timeout); if it is answering other queries, just
+    late, the machine is overloaded and the query waits instead.
     """
 
     ratio: float = 0.1
