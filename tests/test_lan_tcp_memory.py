@@ -34,12 +34,12 @@ PIPELINED = 100
 BIG_TXT = [f'"{i:03d}{"x" * 246}"' for i in range(240)]  # one answer of about 63 KB
 
 
-def attack(port: int) -> list[socket.socket]:
+def attack(port: int, connections: int = CONNECTIONS) -> list[socket.socket]:
     """Open the connections, send every query, read nothing."""
     query = make_query("slow.test.", "TXT", msg_id=1)
     framed = struct.pack("!H", len(query)) + query
     held = []
-    for i in range(CONNECTIONS):
+    for i in range(connections):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.bind((f"127.{i % ADDRESSES + 10}.0.1", 0))  # 8 addresses in 8 /24s
@@ -101,3 +101,37 @@ async def test_never_reading_clients_keep_rss_bounded(
     limit = 100 if in_flight_cap == "default" else 250
     assert growth_mib < limit, f"RSS grew {growth_mib:.0f} MiB (from {baseline // 1024} MiB)"
     assert proxy.proc.poll() is None
+
+
+async def test_clients_waiting_on_one_answer_share_its_copy(
+    upstream: DoqTestUpstream, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 never-reading connections x 100 queries for one 63 KB answer, no write budget
+    to speak of: 10,000 queued copies would be 630 MB; they differ only in ID, so the
+    queues share one copy."""
+    monkeypatch.setitem(doq_fixture.ZONE, ("slow.test.", "TXT"), BIG_TXT)
+    upstream.state.slow_delay = 3.0
+    metrics_port = free_port()
+    proxy = start_proxy(
+        upstream.port,
+        "--tcp-max-connections", "512", "--timeout", "30", "--tcp-message-timeout", "30",
+        "--tcp-write-budget", "4000000000", "--max-in-flight", "1000000",
+        "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        cache=True,
+    )  # fmt: skip
+    warm = await asyncio.to_thread(tcp_ask, proxy.port, make_query("a.test.", msg_id=2))
+    assert dns.message.from_wire(warm).answer
+    baseline = rss_kib(proxy.proc.pid)
+    held = await asyncio.to_thread(attack, proxy.port, 100)
+    try:
+        await asyncio.sleep(upstream.state.slow_delay + 6.0)
+        peak = rss_kib(proxy.proc.pid, "VmHWM")
+        metrics = await asyncio.to_thread(scrape, metrics_port)
+    finally:
+        for sock in held:
+            sock.close()
+    assert sample(metrics, "doqproxy_tcp_connections_shed_total") == 0
+    assert sample(metrics, "doqproxy_tcp_shared_answers_total") > 1000
+    growth_mib = (peak - baseline) / 1024
+    print(f"RSS growth: {growth_mib:.0f} MiB (shared answers)")
+    assert growth_mib < 200, f"RSS grew {growth_mib:.0f} MiB"

@@ -111,10 +111,6 @@ def client_address(host: str) -> IpAddress:
     return address
 
 
-def is_loopback(address: IpAddress) -> bool:
-    return address.is_loopback
-
-
 def is_wildcard(host: str) -> bool:
     return host in ("0.0.0.0", "::", "")
 

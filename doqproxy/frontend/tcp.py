@@ -20,7 +20,7 @@ import asyncio
 import logging
 import struct
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from doqproxy.dns import wire
@@ -32,6 +32,10 @@ from doqproxy.resolver import Resolver
 log = logging.getLogger(__name__)
 
 _U16 = struct.Struct("!H")
+SHARE_MIN = 1024
+"""Queued answers at least this long are shared between clients when they differ only in ID."""
+SHARED_BODIES = 16
+"""Answers remembered for sharing (at most about 1 MB)."""
 MAX_REFUSING = 64
 """Connections from clients outside the access list kept at once (to answer REFUSED)."""
 
@@ -75,6 +79,8 @@ class TcpStats:
     """Connections closed because unsent answers passed the write budget."""
     aged: int = 0
     """Connections closed at the maximum age."""
+    shared: int = 0
+    """Queued answers that share another client's copy (they differ only in ID)."""
 
 
 class TcpFrontEnd:
@@ -93,6 +99,7 @@ class TcpFrontEnd:
         """Unsent octets across connections, as last seen (an upper bound)."""
         self._connections: dict[_Connection, None] = {}  # oldest first
         self._refused_writers: set[asyncio.StreamWriter] = set()
+        self._bodies: OrderedDict[tuple[int, bytes], bytes] = OrderedDict()
 
     @property
     def connections(self) -> int:
@@ -193,6 +200,21 @@ class TcpFrontEnd:
             )
             victim.close()
 
+    def shared(self, reply: bytes) -> bytes:
+        """An answer queued for another client that differs from ``reply`` only in
+        its ID (clients waiting on one upstream answer), or ``reply`` itself."""
+        if len(reply) < SHARE_MIN:
+            return reply
+        key = (len(reply), reply[2:66])
+        known = self._bodies.get(key)
+        if known is not None and known.endswith(memoryview(reply)[2:]):
+            self.stats.shared += 1
+            return known
+        self._bodies[key] = reply
+        if len(self._bodies) > SHARED_BODIES:
+            self._bodies.popitem(last=False)
+        return reply
+
     def close_all(self) -> None:
         for connection in list(self._connections):
             connection.writer.close()
@@ -220,7 +242,8 @@ class _Connection:
         self.opened = time.monotonic()
         self.buffered = 0
         """Octets of answers not yet sent: ours queued plus the transport's."""
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[tuple[bytes, bytes]] = deque()
+        """(ID, answer): the answer may be another client's copy, sent after the ID."""
         self.queued = 0
         self.flusher: asyncio.Task[None] | None = None
         self.waiting = False
@@ -340,7 +363,7 @@ class _Connection:
         else:
             # Our own queue holds references, not copies, and close() frees it at
             # once; a transport's buffer is only freed on a later loop turn.
-            self.queue.append(reply)
+            self.queue.append((reply[:2], self.front.shared(reply)))
             self.queued += len(reply) + 2
             if self.flusher is None:
                 self.flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -356,10 +379,10 @@ class _Connection:
                 transport = writer.transport
                 high_water = self.front.limits.high_water
                 while self.queue and transport.get_write_buffer_size() < high_water:
-                    reply = self.queue.popleft()
+                    msg_id, reply = self.queue.popleft()
                     self.queued -= len(reply) + 2
-                    writer.write(_U16.pack(len(reply)))
-                    writer.write(reply)
+                    writer.write(_U16.pack(len(reply)) + msg_id)
+                    writer.write(memoryview(reply)[2:])
                 self.front.note_buffered(self, transport.get_write_buffer_size() + self.queued)
         finally:
             self.flusher = None

@@ -170,6 +170,16 @@ class ForwardCollector(Collector):
                     ("aged", tcp.aged, "TCP connections closed at the maximum age."),
                 ),
             )
+            yield from counters(
+                "doqproxy_tcp",
+                (
+                    (
+                        "shared_answers",
+                        tcp.shared,
+                        "Queued TCP answers sharing another client's copy (differing in ID).",
+                    ),
+                ),
+            )
 
     def _fallbacks(self) -> Iterator[Metric]:
         wrappers = self.sources.fallbacks()
