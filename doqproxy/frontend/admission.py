@@ -33,6 +33,9 @@ _ERROR_RCODES = frozenset(
     {wire.RCODE_FORMERR, wire.RCODE_SERVFAIL, wire.RCODE_NOTIMP, wire.RCODE_REFUSED}
 )
 _CLIENT_CACHE = 65536
+ANY_QUESTION_TAIL = b"\x00\x00\xff\x00"
+"""QTYPE ANY after a name's root label: a substring test that is cheap enough for
+every datagram (a match is checked properly)."""
 _U16 = struct.Struct("!H")
 
 
@@ -97,6 +100,9 @@ class Admission:
         self.buckets: TokenBuckets | None = None
         self.error_buckets: TokenBuckets | None = None
         self._clients: dict[str, Client] = {}
+        self.trusted: dict[str, Client] = {}
+        """Clients no per-client rule applies to (allowed, loopback, no rate limit): the
+        UDP front end answers their cache hits after the reflection and ANY checks alone."""
         self._shape: tuple[float, float, int] | None = None
         self.reconfigure(settings, access, reaches_lan=reaches_lan)
 
@@ -106,6 +112,7 @@ class Admission:
         self.settings = settings
         self.access = access
         self._clients = {}
+        self.trusted = {}
         rate = settings.effective_ratelimit(reaches_lan)
         errors = settings.ratelimit_errors
         error_rate = errors if errors is not None else max(rate / 5, 1.0)
@@ -133,7 +140,10 @@ class Admission:
         )
         if len(self._clients) >= _CLIENT_CACHE:
             self._clients.clear()
+            self.trusted.clear()
         self._clients[host] = known
+        if known.allowed and known.loopback and self.buckets is None:
+            self.trusted[host] = known
         return known
 
     # --- queries ----------------------------------------------------------------
@@ -168,7 +178,7 @@ class Admission:
             return self.udp_reply(refused_reply(data), client, now)
         # The root label, QTYPE 255 and a class below 256: a C-speed test that lets
         # all but ANY queries skip the question scan.
-        if self.settings.refuse_any and b"\x00\x00\xff\x00" in data:
+        if self.settings.refuse_any and ANY_QUESTION_TAIL in data:
             found = wire.scan_question(data)
             if found is not None and found[1] == wire.TYPE_ANY:
                 reply = minimal_any_reply(data)

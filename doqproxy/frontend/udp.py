@@ -12,7 +12,8 @@ import logging
 import time
 from typing import Any, cast
 
-from doqproxy.frontend.admission import Admission, Client
+from doqproxy.frontend.access import REFLECTION_PORTS
+from doqproxy.frontend.admission import ANY_QUESTION_TAIL, Admission, Client
 from doqproxy.frontend.inflight import InFlight
 from doqproxy.resolver import Resolver
 
@@ -36,6 +37,18 @@ class UdpFrontEnd(asyncio.DatagramProtocol):
         if not self.accepting:
             return
         admission = self.admission
+        # Fast lane: a cache hit for a client no per-client rule applies to (loopback,
+        # no rate limit) needs only the reflection and ANY checks; anything else takes
+        # the full admission below.
+        if (
+            addr[0] in admission.trusted
+            and addr[1] not in REFLECTION_PORTS
+            and ANY_QUESTION_TAIL not in data
+        ):
+            reply = self.resolver.cached_reply(data, udp=True, client=addr)
+            if reply is not None and self.transport is not None:
+                self.transport.sendto(reply, addr)  # cached answers are never error replies
+                return
         now = time.monotonic()
         verdict = admission.udp_query(data, addr[0], addr[1], now)
         if verdict is not None:
