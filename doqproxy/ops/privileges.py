@@ -12,10 +12,18 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PRELOAD = ("concurrent.futures.thread", "encodings.idna", "stringprep")
-"""Standard-library modules imported lazily at run time (getaddrinfo and to_thread use
-the default executor; IDNA for upstream names). They are imported before the switch,
-because the new user may not be allowed to read the interpreter's directory."""
+PRELOAD = (
+    "concurrent.futures.thread",
+    "encodings.idna",
+    "stringprep",
+    "dns.exception",
+    "dns.message",
+    "dns.rdatatype",
+)
+"""Modules imported lazily at run time (getaddrinfo and to_thread use the default
+executor; IDNA for upstream names; dnspython's message module for ``--bootstrap``
+lookups). They are imported before the switch, because the new user may not be
+allowed to read the interpreter's directory."""
 
 
 class PrivilegeError(Exception):

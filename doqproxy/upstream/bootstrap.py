@@ -24,10 +24,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
-import dns.exception
-import dns.message
-import dns.rdatatype
-
 from doqproxy.dns import wire
 from doqproxy.net.addresses import UpstreamUrl, is_ip_literal
 from doqproxy.upstream.base import UpstreamError
@@ -123,6 +119,10 @@ class Bootstrap:
 
     @staticmethod
     async def _lookup(server: PlainUpstream, host: str, rdtype: str) -> tuple[list[str], float]:
+        # dnspython's message module costs ~4 MB of RSS: only when a lookup happens.
+        import dns.message
+        import dns.rdatatype
+
         query = dns.message.make_query(host, rdtype)
         data = query.to_wire()
         reply = dns.message.from_wire(await server.query(data, wire.parse_question(data)))
@@ -151,6 +151,8 @@ def _why(failure: object) -> str:
         return "no answer (timeout)"
     if isinstance(failure, UpstreamError):
         return str(failure)
+    import dns.exception  # already loaded by the lookup that failed
+
     if isinstance(failure, dns.exception.DNSException):
         return f"bad answer ({failure})"
     assert isinstance(failure, BaseException)
