@@ -24,6 +24,9 @@ DEFAULT_PORT = 9153
 Labels = tuple[tuple[str, str], ...]
 """A series' labels, sorted by name."""
 
+MAX_BODY = 16 << 20
+"""A bigger ``/metrics`` body is not a forwarder's (one with 64 upstreams is under 1 MB)."""
+
 _COUNTER_TYPES = ("counter", "histogram", "summary")
 _FORWARD_FAMILIES = (
     "doqproxy_build_info",
@@ -85,7 +88,7 @@ def parse(text: str, *, at: float, wall: float) -> Scrape:
             if family.type == "counter":
                 values.setdefault(family.name + "_total", {})
             for sample in family.samples:
-                labels = tuple(sorted(sample.labels.items()))
+                labels = tuple(sorted((k, printable(v)) for k, v in sample.labels.items()))
                 values.setdefault(sample.name, {})[labels] = float(sample.value)
                 if family.type in _COUNTER_TYPES:
                     counters.add(sample.name)
@@ -99,13 +102,21 @@ def parse(text: str, *, at: float, wall: float) -> Scrape:
     return Scrape(at, wall, values, frozenset(counters))
 
 
+def printable(value: str) -> str:
+    """``value`` with control characters shown as ``\\xNN``: label text is the endpoint's
+    choice and must not drive the terminal."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
+
+
 def fetch(url: str, timeout: float) -> str:
     """GET ``url`` and return the body (raises :class:`ScrapeError` with the reason)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as reply:
-            return str(reply.read().decode("utf-8", "replace"))
+            body: bytes = reply.read(MAX_BODY + 1)
     except urllib.error.HTTPError as exc:
-        raise ScrapeError(f"HTTP {exc.code} {exc.reason}", answered=True) from None
+        raise ScrapeError(f"HTTP {exc.code} {printable(str(exc.reason))}", answered=True) from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, OSError) and reason.strerror:
@@ -116,6 +127,9 @@ def fetch(url: str, timeout: float) -> str:
     except (OSError, ValueError, http.client.HTTPException) as exc:
         # A forwarder killed mid-reply: reset, RemoteDisconnected, IncompleteRead.
         raise ScrapeError(str(exc) or type(exc).__name__) from None
+    if len(body) > MAX_BODY:
+        raise ScrapeError(f"reply larger than {MAX_BODY >> 20} MiB", answered=True)
+    return body.decode("utf-8", "replace")
 
 
 def url_for(text: str) -> str:
