@@ -49,7 +49,8 @@ def screen(snap: Snapshot, status: str | None, interval: float) -> RenderableTyp
         )
     for row, cells in zip(snap.upstreams, rows, strict=True):
         state = Text(cells[1], style=_STATE_STYLES.get(row.state or "", ""))
-        table.add_row(cells[0], state, *cells[2:])
+        # Text, not str: a label's "[...]" is the endpoint's text, never rich markup.
+        table.add_row(Text(cells[0]), state, *(Text(cell) for cell in cells[2:]))
     if status is not None:
         footer = Text(status, style="bold red")
     else:
