@@ -6,6 +6,7 @@ Everything except :func:`fetch` is pure, so tests feed it captured text.
 from __future__ import annotations
 
 import http.client
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -110,11 +111,35 @@ def printable(value: str) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A forwarder's ``/metrics`` never redirects: a 30x is an error, not a new target."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def fetch(url: str, timeout: float) -> str:
-    """GET ``url`` and return the body (raises :class:`ScrapeError` with the reason)."""
+    """GET ``url`` and return the body (raises :class:`ScrapeError` with the reason).
+
+    ``timeout`` bounds the whole reply, not each read: a body dripped a byte at a
+    time must not hold ``top``."""
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
-            body: bytes = reply.read(MAX_BODY + 1)
+        with _OPENER.open(url, timeout=timeout) as reply:
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_BODY:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunk: bytes = reply.read1(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            body = b"".join(chunks)
     except urllib.error.HTTPError as exc:
         raise ScrapeError(f"HTTP {exc.code} {printable(str(exc.reason))}", answered=True) from None
     except urllib.error.URLError as exc:
