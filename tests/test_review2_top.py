@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,19 @@ def endless_server() -> Iterator[str]:
 def test_huge_body_is_refused_not_read(endless_server: str) -> None:
     with pytest.raises(scrape.ScrapeError, match="larger than"):
         scrape.fetch(endless_server, timeout=30.0)
+
+
+@pytest.mark.parametrize("bad", ["NaN", "+Inf", "-Inf", "1e308"])
+def test_non_finite_values_do_not_crash(bad: str) -> None:
+    base = (Path(__file__).parent / "top_scrapes" / "forward-two-upstreams.txt").read_text()
+    lines = []
+    for line in base.splitlines():
+        if line and not line.startswith("#"):
+            line = f"{line.rpartition(' ')[0]} {bad}"
+        lines.append(line)
+    body = "\n".join(lines) + "\n"
+    monitor = model.Monitor("http://127.0.0.1:9153/metrics")
+    monitor.update(scrape.parse(base, at=0.0, wall=1.8e9))
+    assert "upstream" in text.render(monitor.update(scrape.parse(body, at=1.0, wall=1.8e9 + 1)))
+    fresh = model.Monitor("http://127.0.0.1:9153/metrics")
+    assert "upstream" in text.render(fresh.update(scrape.parse(body, at=0.0, wall=1.8e9)))

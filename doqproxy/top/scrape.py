@@ -28,6 +28,9 @@ Labels = tuple[tuple[str, str], ...]
 MAX_BODY = 16 << 20
 """A bigger ``/metrics`` body is not a forwarder's (one with 64 upstreams is under 1 MB)."""
 
+MAX_VALUE = float(1 << 53)
+"""A larger sample (or NaN, ±Inf) is not a forwarder's: it is left out, not summed."""
+
 _COUNTER_TYPES = ("counter", "histogram", "summary")
 _FORWARD_FAMILIES = (
     "doqproxy_build_info",
@@ -89,8 +92,11 @@ def parse(text: str, *, at: float, wall: float) -> Scrape:
             if family.type == "counter":
                 values.setdefault(family.name + "_total", {})
             for sample in family.samples:
+                value = float(sample.value)
+                if not abs(value) <= MAX_VALUE:  # NaN, ±Inf, or a sum that would overflow
+                    continue
                 labels = tuple(sorted((k, printable(v)) for k, v in sample.labels.items()))
-                values.setdefault(sample.name, {})[labels] = float(sample.value)
+                values.setdefault(sample.name, {})[labels] = value
                 if family.type in _COUNTER_TYPES:
                     counters.add(sample.name)
             if family.type == "counter":
