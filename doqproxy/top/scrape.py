@@ -146,6 +146,10 @@ def fetch(url: str, timeout: float) -> str:
                 chunks.append(chunk)
                 size += len(chunk)
             body = b"".join(chunks)
+            if (
+                reply.length and size <= MAX_BODY
+            ):  # read1 returns b"" at EOF even when Content-Length promised more
+                raise http.client.IncompleteRead(body, reply.length)
     except urllib.error.HTTPError as exc:
         raise ScrapeError(f"HTTP {exc.code} {printable(str(exc.reason))}", answered=True) from None
     except urllib.error.URLError as exc:
