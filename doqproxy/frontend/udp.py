@@ -37,25 +37,17 @@ class UdpFrontEnd(asyncio.DatagramProtocol):
         if not self.accepting:
             return
         admission = self.admission
-        # Fast lane: a cache hit for a client no per-client rule applies to (loopback,
-        # no rate limit) needs only the reflection and ANY checks; anything else takes
-        # the full admission below.
-        if (
-            addr[0] in admission.trusted
-            and addr[1] not in REFLECTION_PORTS
-            and ANY_QUESTION_TAIL not in data
-        ):
-            reply = self.resolver.cached_reply(data, udp=True, client=addr)
-            if reply is not None and self.transport is not None:
-                self.transport.sendto(reply, addr)  # cached answers are never error replies
+        # Fast lane: for a client no per-client rule applies to (loopback, no rate
+        # limit), the reflection and ANY checks are all of admission; anyone else
+        # takes the full checks.
+        client = admission.trusted.get(addr[0])
+        if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
+            verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())
+            if verdict is not None:
+                if verdict and self.transport is not None:
+                    self.transport.sendto(verdict, addr)
                 return
-        now = time.monotonic()
-        verdict = admission.udp_query(data, addr[0], addr[1], now)
-        if verdict is not None:
-            if verdict and self.transport is not None:
-                self.transport.sendto(verdict, addr)
-            return
-        client = admission.client(addr[0])
+            client = admission.client(addr[0])
         # A cache hit is answered right here, without the cost of a task.
         reply = self.resolver.cached_reply(data, udp=True, client=addr)
         if reply is None:
@@ -63,7 +55,7 @@ class UdpFrontEnd(asyncio.DatagramProtocol):
             if reply is None:
                 self.inflight.spawn(self._answer(data, addr, client))
                 return
-        reply = admission.udp_reply(reply, client, now)
+        reply = admission.udp_reply(reply, client, time.monotonic())
         if reply and self.transport is not None:
             self.transport.sendto(reply, addr)
 

@@ -11,6 +11,7 @@ QUIC library.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -20,6 +21,29 @@ NAME = "aioquic"
 
 ENGINES = ("aioquic", "qh3")
 """Engines this build knows."""
+
+
+class ConnectedTransport:
+    """A connected UDP transport that sends without an address, and counts (both engines).
+
+    aioquic (and qh3) pass its peer address to every ``sendto``. On a connected socket
+    uvloop accepts only ``None`` or the exact 4-tuple it connected to (an IPv6
+    peer is ``(host, port, flowinfo, scope_id)``), and asyncio only the address
+    it resolved, so the address is dropped here: the kernel knows the peer.
+    """
+
+    __slots__ = ("_transport", "sent")
+
+    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+        self._transport = transport
+        self.sent = 0
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        self.sent += 1
+        self._transport.sendto(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class SessionClosed(Exception):

@@ -25,7 +25,7 @@ from aioquic.quic.packet import QuicPacketType
 from aioquic.tls import CipherSuite, Epoch, SessionTicket
 
 from doqproxy.doq import framing
-from doqproxy.upstream.engine import SessionOwner
+from doqproxy.upstream.engine import ConnectedTransport, SessionOwner
 
 NAME = "aioquic"
 NAIVE_TICKET_DATES = False
@@ -103,38 +103,15 @@ class _ClientQuicConnection(QuicConnection):
         self._ack_delay = delay
 
 
-class _ConnectedTransport:
-    """A connected UDP transport that sends without an address, and counts.
-
-    aioquic passes its peer address to every ``sendto``. On a connected socket
-    uvloop accepts only ``None`` or the exact 4-tuple it connected to (an IPv6
-    peer is ``(host, port, flowinfo, scope_id)``), and asyncio only the address
-    it resolved, so the address is dropped here: the kernel knows the peer.
-    """
-
-    __slots__ = ("_transport", "sent")
-
-    def __init__(self, transport: asyncio.DatagramTransport) -> None:
-        self._transport = transport
-        self.sent = 0
-
-    def sendto(self, data: bytes, addr: object = None) -> None:
-        self.sent += 1
-        self._transport.sendto(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class _Protocol(QuicConnectionProtocol):
     """Moves datagrams between the socket and aioquic; events go to the owner."""
 
     owner: SessionOwner
-    connected: _ConnectedTransport | None = None
+    connected: ConnectedTransport | None = None
     received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.connected = _ConnectedTransport(cast(asyncio.DatagramTransport, transport))
+        self.connected = ConnectedTransport(cast(asyncio.DatagramTransport, transport))
         super().connection_made(cast(asyncio.BaseTransport, self.connected))
 
     def quic_event_received(self, event: events.QuicEvent) -> None:

@@ -22,7 +22,7 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnect
 from qh3.tls import CipherSuite, SessionTicket
 
 from doqproxy.doq import framing
-from doqproxy.upstream.engine import SessionClosed, SessionOwner
+from doqproxy.upstream.engine import ConnectedTransport, SessionClosed, SessionOwner
 
 NAME = "qh3"
 NAIVE_TICKET_DATES = True
@@ -48,30 +48,13 @@ def version() -> str:
     return str(qh3.__version__)
 
 
-class _ConnectedTransport:
-    """Sends on the connected socket without an address, and counts."""
-
-    __slots__ = ("_transport", "sent")
-
-    def __init__(self, transport: asyncio.DatagramTransport) -> None:
-        self._transport = transport
-        self.sent = 0
-
-    def sendto(self, data: bytes, addr: object = None) -> None:
-        self.sent += 1
-        self._transport.sendto(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     owner: SessionOwner
-    connected: _ConnectedTransport | None = None
+    connected: ConnectedTransport | None = None
     received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.connected = _ConnectedTransport(cast(asyncio.DatagramTransport, transport))
+        self.connected = ConnectedTransport(cast(asyncio.DatagramTransport, transport))
         super().connection_made(cast(asyncio.BaseTransport, self.connected))
         self._sendto_many = None  # one sendto per datagram, through the counter
 
