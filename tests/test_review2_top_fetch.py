@@ -8,6 +8,7 @@ dripped one byte at a time must not hold ``top`` past its timeout.
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,3 +90,25 @@ def test_slow_drip_ends_at_the_timeout(servers: Callable[[Handler], str]) -> Non
     with pytest.raises(scrape.ScrapeError, match="no answer within"):
         scrape.fetch(url, 2.0)
     assert time.monotonic() - started < 30.0  # generous; the drip lasts 60 s
+
+
+def test_error_text_from_the_peer_has_no_control_characters() -> None:
+    """http.client puts a bad status line into its exception as it came."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def answer_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"\x1b]0;owned\x07\x1b[2J 200 OK\r\n\r\n")
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        try:
+            with pytest.raises(scrape.ScrapeError) as caught:
+                scrape.fetch(f"http://127.0.0.1:{port}/metrics", 10.0)
+        finally:
+            thread.join(10.0)
+    assert "owned" in str(caught.value)
+    assert not any(ord(c) < 0x20 for c in str(caught.value)), repr(str(caught.value))

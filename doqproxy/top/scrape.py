@@ -43,7 +43,7 @@ class ScrapeError(Exception):
     """The endpoint could not be read, or is not a doqproxy forwarder's; one line of text."""
 
     def __init__(self, message: str, *, answered: bool = False) -> None:
-        super().__init__(message)
+        super().__init__(printable(message))  # often the peer's own words (a bad status line)
         self.answered = answered
         """Something answered, but not with a forwarder's metrics."""
 
@@ -151,7 +151,7 @@ def fetch(url: str, timeout: float) -> str:
             ):  # read1 returns b"" at EOF even when Content-Length promised more
                 raise http.client.IncompleteRead(body, reply.length)
     except urllib.error.HTTPError as exc:
-        raise ScrapeError(f"HTTP {exc.code} {printable(str(exc.reason))}", answered=True) from None
+        raise ScrapeError(f"HTTP {exc.code} {exc.reason}", answered=True) from None
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, OSError) and reason.strerror:
