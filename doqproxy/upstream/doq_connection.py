@@ -447,9 +447,20 @@ class DoqConnection:
             self._on_dead(self)
 
 
+MAX_REASON = 120
+"""Characters of a peer's close reason phrase that are kept."""
+
+
 def describe_close(code: int, reason_phrase: str) -> str:
-    """A connection close in words, for an EDE's EXTRA-TEXT."""
-    reason = f": {reason_phrase}" if reason_phrase else ""
+    """A connection close in words, for an EDE's EXTRA-TEXT.
+
+    The reason phrase is the peer's text: it is cut to :data:`MAX_REASON` characters
+    and its control characters are shown as ``\\xNN``, since it reaches logs,
+    terminals and the last-error metric."""
+    phrase = reason_phrase[:MAX_REASON]
+    if not phrase.isprintable():
+        phrase = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in phrase)
+    reason = f": {phrase}" if phrase else ""
     if 0x100 <= code <= 0x1FF:
         return f"TLS handshake failed (alert {code - 0x100}){reason}"
     if code == 0 and "Idle" in reason_phrase:
