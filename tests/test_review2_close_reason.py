@@ -7,7 +7,7 @@ forge log lines) must not pass through, and its length is bounded.
 
 from __future__ import annotations
 
-from doqproxy.upstream.doq_connection import describe_close
+from doqproxy.upstream.doq_connection import describe_close, peer_text
 
 
 def test_reason_phrase_control_characters_are_escaped() -> None:
@@ -24,3 +24,8 @@ def test_tls_alert_reason_is_escaped_too() -> None:
 
 def test_reason_phrase_is_bounded() -> None:
     assert len(describe_close(0x1, "x" * 5000)) < 300
+
+
+def test_peer_text_for_a_close_seen_while_sending() -> None:
+    """qh3 reports a close found while sending with the raw reason phrase."""
+    assert peer_text("a\x1b[2Jb\n" + "y" * 500) == "a\\x1b[2Jb\\x0a" + "y" * 113

@@ -253,7 +253,7 @@ class DoqConnection:
         try:
             stream_id = session.send_query(framing.frame(message))
         except SessionClosed as exc:
-            lost = ConnectionLost(f"connection closed: {exc}")
+            lost = ConnectionLost(f"connection closed: {peer_text(str(exc))}")
             self._fail(lost)
             raise lost from None
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -451,15 +451,21 @@ MAX_REASON = 120
 """Characters of a peer's close reason phrase that are kept."""
 
 
+def peer_text(text: str) -> str:
+    """A peer's ``text`` cut to :data:`MAX_REASON` characters, control characters as ``\\xNN``."""
+    text = text[:MAX_REASON]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def describe_close(code: int, reason_phrase: str) -> str:
     """A connection close in words, for an EDE's EXTRA-TEXT.
 
     The reason phrase is the peer's text: it is cut to :data:`MAX_REASON` characters
     and its control characters are shown as ``\\xNN``, since it reaches logs,
     terminals and the last-error metric."""
-    phrase = reason_phrase[:MAX_REASON]
-    if not phrase.isprintable():
-        phrase = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in phrase)
+    phrase = peer_text(reason_phrase)
     reason = f": {phrase}" if phrase else ""
     if 0x100 <= code <= 0x1FF:
         return f"TLS handshake failed (alert {code - 0x100}){reason}"
