@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import gc
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Hashable
@@ -17,6 +18,7 @@ from doqproxy.frontend.admission import AccessSettings, Admission
 from doqproxy.frontend.inflight import InFlight
 from doqproxy.frontend.tcp import TcpFrontEnd
 from doqproxy.frontend.udp import UdpFrontEnd
+from doqproxy.frontend.udp_drain import DrainedUdpFront
 from doqproxy.net.interfaces import InterfaceAddress, InterfaceError, interface_addresses
 from doqproxy.net.sockets import bind
 from doqproxy.ops import process
@@ -291,8 +293,17 @@ async def serve(
     tcp_front = TcpFrontEnd(front_resolver, inflight, settings.tcp, admission)
     ops.tcp_stats = tcp_front.stats
     udp_fronts: list[UdpFrontEnd] = []
+    drained: list[DrainedUdpFront] = []
     servers: list[asyncio.base_events.Server] = []
+    reader = os.environ.get("DOQPROXY_UDP_READER", "protocol")
     for udp_sock in udp_socks:
+        if reader.startswith("drain"):
+            dfront = DrainedUdpFront(
+                front_resolver, inflight, admission, udp_sock, into=reader == "drain-into"
+            )
+            dfront.start(loop)
+            drained.append(dfront)
+            continue
         front = UdpFrontEnd(front_resolver, inflight, admission)
         await loop.create_datagram_endpoint(lambda front=front: front, sock=udp_sock)  # type: ignore[misc]
         udp_fronts.append(front)
@@ -342,6 +353,8 @@ async def serve(
         server.close()
     for front in udp_fronts:
         front.accepting = False
+    for dfront in drained:
+        dfront.accepting = False
     cancelled = await inflight.drain(SHUTDOWN_GRACE)
     if cancelled:
         log.warning("shutdown: %d queries did not finish in %.0fs", cancelled, SHUTDOWN_GRACE)
@@ -349,6 +362,8 @@ async def serve(
     for front in udp_fronts:
         if front.transport is not None:
             front.transport.close()
+    for dfront in drained:
+        dfront.close()
     if reloader is not None:
         await reloader.aclose()
     await ops.close()

@@ -1,0 +1,214 @@
+"""DNS over UDP read straight off the socket: one event-loop callback drains it.
+
+The same rules as :class:`~doqproxy.frontend.udp.UdpFrontEnd` (admission on
+the way in and out, cache hits answered synchronously, misses in a task), but
+instead of one protocol callback per datagram, a reader callback calls
+``recvfrom`` until the socket is empty or a per-callback budget is spent, and
+replies go out with ``sendto`` on the socket itself. A reply the kernel will
+not take now waits in a bounded queue flushed when the socket is writable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import socket
+import time
+from typing import Any
+
+from doqproxy.frontend.access import REFLECTION_PORTS
+from doqproxy.frontend.admission import ANY_QUESTION_TAIL, Admission, Client
+from doqproxy.frontend.inflight import InFlight
+from doqproxy.resolver import Resolver
+
+log = logging.getLogger(__name__)
+
+BUDGET = 64
+"""Datagrams read per callback, so that one busy socket cannot starve the loop."""
+MAX_QUEUED = 1024
+"""Replies waiting for a writable socket; past this the oldest is dropped."""
+_RECV_SIZE = 65535
+_WOULD_BLOCK = (BlockingIOError, InterruptedError)
+_SEND_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
+
+
+class DrainedUdpFront:
+    """Answers DNS over UDP on ``sock`` with a reader callback (see the module doc)."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        inflight: InFlight,
+        admission: Admission,
+        sock: socket.socket,
+        *,
+        budget: int = BUDGET,
+        max_queued: int = MAX_QUEUED,
+        into: bool = False,
+    ) -> None:
+        self.resolver = resolver
+        self.inflight = inflight
+        self.admission = admission
+        self.sock = sock
+        self.budget = budget
+        self.max_queued = max_queued
+        self.accepting = True
+        self.closed = False
+        self.queued: collections.deque[tuple[bytes, Any]] = collections.deque()
+        self.dropped_replies = 0
+        """Replies dropped because the send queue was full or the send failed."""
+        self.recv_errors = 0
+        self._fd = sock.fileno()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writing = False
+        self.into = into
+        self._buffer = bytearray(_RECV_SIZE)
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Make the socket non-blocking and start reading it."""
+        self._loop = loop or asyncio.get_running_loop()
+        self.sock.setblocking(False)
+        self._loop.add_reader(self._fd, self._readable_into if self.into else self._readable)
+
+    def close(self) -> None:
+        """Stop reading and writing and close the socket (queued replies are dropped)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.accepting = False
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+                self._writing = False
+        self.dropped_replies += len(self.queued)
+        self.queued.clear()
+        self.sock.close()
+
+    def _readable(self) -> None:
+        recvfrom = self.sock.recvfrom
+        admission = self.admission
+        trusted = admission.trusted
+        cached_reply = self.resolver.cached_reply
+        send = self._send
+        for _ in range(self.budget):
+            try:
+                data, addr = recvfrom(_RECV_SIZE)
+            except _WOULD_BLOCK:
+                return
+            except OSError as exc:
+                # ICMP errors for earlier replies (the client went away) surface
+                # here as ECONNREFUSED and the like: note them and read on.
+                self.recv_errors += 1
+                log.debug("UDP error: %s", exc)
+                continue
+            if not self.accepting:
+                continue
+            # Fast lane, as in UdpFrontEnd.datagram_received.
+            client = trusted.get(addr[0])
+            if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
+                verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())
+                if verdict is not None:
+                    if verdict:
+                        send(verdict, addr)
+                    continue
+                client = admission.client(addr[0])
+            reply = cached_reply(data, udp=True, client=addr)
+            if reply is None:
+                reply = admission.overloaded(data, len(self.inflight))
+                if reply is None:
+                    self.inflight.spawn(self._answer(data, addr, client))
+                    continue
+            reply = admission.udp_reply(reply, client, time.monotonic())
+            if reply:
+                send(reply, addr)
+
+    def _readable_into(self) -> None:
+        recvfrom_into = self.sock.recvfrom_into
+        buffer = self._buffer
+        view = memoryview(buffer)
+        admission = self.admission
+        trusted = admission.trusted
+        cached_reply = self.resolver.cached_reply
+        send = self._send
+        for _ in range(self.budget):
+            try:
+                n, addr = recvfrom_into(buffer)
+            except _WOULD_BLOCK:
+                return
+            except OSError as exc:
+                self.recv_errors += 1
+                log.debug("UDP error: %s", exc)
+                continue
+            if not self.accepting:
+                continue
+            data = bytes(view[:n])
+            client = trusted.get(addr[0])
+            if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
+                verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())
+                if verdict is not None:
+                    if verdict:
+                        send(verdict, addr)
+                    continue
+                client = admission.client(addr[0])
+            reply = cached_reply(data, udp=True, client=addr)
+            if reply is None:
+                reply = admission.overloaded(data, len(self.inflight))
+                if reply is None:
+                    self.inflight.spawn(self._answer(data, addr, client))
+                    continue
+            reply = admission.udp_reply(reply, client, time.monotonic())
+            if reply:
+                send(reply, addr)
+
+    async def _answer(self, data: bytes, addr: Any, client: Client) -> None:
+        reply = await self.resolver.resolve(data, udp=True, client=addr)
+        if reply is None or self.closed:
+            return
+        reply = self.admission.udp_reply(reply, client, time.monotonic())
+        if reply:
+            self._send(reply, addr)
+
+    def _send(self, reply: bytes, addr: Any) -> None:
+        if self.queued:  # keep the order: behind what is already waiting
+            self._queue(reply, addr)
+            return
+        try:
+            self.sock.sendto(reply, addr)
+        except OSError as exc:
+            if exc.errno in _SEND_LATER:
+                self._queue(reply, addr)
+            else:
+                self.dropped_replies += 1
+                log.debug("UDP send to %s: %s", addr[0], exc)
+
+    def _queue(self, reply: bytes, addr: Any) -> None:
+        queued = self.queued
+        if len(queued) >= self.max_queued:
+            queued.popleft()
+            self.dropped_replies += 1
+            if self.dropped_replies in (1, 100) or self.dropped_replies % 10000 == 0:
+                log.warning("UDP send queue full: %d replies dropped so far", self.dropped_replies)
+        queued.append((reply, addr))
+        if not self._writing and self._loop is not None and not self.closed:
+            self._loop.add_writer(self._fd, self._writable)
+            self._writing = True
+
+    def _writable(self) -> None:
+        queued = self.queued
+        sendto = self.sock.sendto
+        while queued:
+            reply, addr = queued[0]
+            try:
+                sendto(reply, addr)
+            except OSError as exc:
+                if exc.errno in _SEND_LATER:
+                    return
+                self.dropped_replies += 1
+                log.debug("UDP send to %s: %s", addr[0], exc)
+            queued.popleft()
+        if self._writing and self._loop is not None:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
