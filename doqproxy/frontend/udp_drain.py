@@ -30,8 +30,34 @@ BUDGET = 64
 MAX_QUEUED = 1024
 """Replies waiting for a writable socket; past this the oldest is dropped."""
 _RECV_SIZE = 65535
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _SEND_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
+# With IP_RECVERR (which a socket from systemd may have), an ICMP error for an
+# earlier reply is reported by the next sendto, which then sends nothing: that
+# reply is for someone else, so it is sent again.
+_ICMP_ERRORS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+)
+
+
+def quiet_icmp_errors(sock: socket.socket) -> None:
+    """Turn off IP_RECVERR (a socket from systemd or elsewhere may have it on).
+
+    With it, an ICMP error for an earlier reply sits in the socket's error queue
+    and keeps it in POLLERR: libuv (uvloop) then stops the reader for good, and
+    epoll (asyncio) reports the socket ready for ever. Without it, Linux does not
+    report ICMP errors on an unconnected UDP socket at all, as we want.
+    """
+    options = [(socket.IPPROTO_IP, _IP_RECVERR)]
+    if sock.family == socket.AF_INET6:
+        options.append((socket.IPPROTO_IPV6, _IPV6_RECVERR))
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, 0)
+        except OSError:
+            pass
 
 
 class DrainedUdpFront:
@@ -60,6 +86,13 @@ class DrainedUdpFront:
         self.dropped_replies = 0
         """Replies dropped because the send queue was full or the send failed."""
         self.recv_errors = 0
+        """Errors from recvfrom (ICMP errors for earlier replies), read past."""
+        self.send_retries = 0
+        """Replies sent again because sendto reported an earlier ICMP error."""
+        self.deferred = 0
+        """Replies that waited in the queue for the socket to become writable."""
+        self.reads = 0
+        """Reader callbacks run."""
         self._fd = sock.fileno()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writing = False
@@ -70,6 +103,7 @@ class DrainedUdpFront:
         """Make the socket non-blocking and start reading it."""
         self._loop = loop or asyncio.get_running_loop()
         self.sock.setblocking(False)
+        quiet_icmp_errors(self.sock)
         self._loop.add_reader(self._fd, self._readable_into if self.into else self._readable)
 
     def close(self) -> None:
@@ -93,6 +127,7 @@ class DrainedUdpFront:
         trusted = admission.trusted
         cached_reply = self.resolver.cached_reply
         send = self._send
+        self.reads += 1
         for _ in range(self.budget):
             try:
                 data, addr = recvfrom(_RECV_SIZE)
@@ -133,6 +168,7 @@ class DrainedUdpFront:
         trusted = admission.trusted
         cached_reply = self.resolver.cached_reply
         send = self._send
+        self.reads += 1
         for _ in range(self.budget):
             try:
                 n, addr = recvfrom_into(buffer)
@@ -175,14 +211,27 @@ class DrainedUdpFront:
         if self.queued:  # keep the order: behind what is already waiting
             self._queue(reply, addr)
             return
-        try:
-            self.sock.sendto(reply, addr)
-        except OSError as exc:
-            if exc.errno in _SEND_LATER:
+        error = self._sendto(reply, addr)
+        if error is not None:
+            if error.errno in _SEND_LATER:
                 self._queue(reply, addr)
             else:
                 self.dropped_replies += 1
-                log.debug("UDP send to %s: %s", addr[0], exc)
+                log.debug("UDP send to %s: %s", addr[0], error)
+
+    def _sendto(self, reply: bytes, addr: Any) -> OSError | None:
+        """Send once (twice if an earlier ICMP error got in the way); the error if any."""
+        try:
+            self.sock.sendto(reply, addr)
+        except OSError as exc:
+            if exc.errno not in _ICMP_ERRORS:
+                return exc
+            self.send_retries += 1
+            try:
+                self.sock.sendto(reply, addr)
+            except OSError as again:
+                return again
+        return None
 
     def _queue(self, reply: bytes, addr: Any) -> None:
         queued = self.queued
@@ -192,22 +241,21 @@ class DrainedUdpFront:
             if self.dropped_replies in (1, 100) or self.dropped_replies % 10000 == 0:
                 log.warning("UDP send queue full: %d replies dropped so far", self.dropped_replies)
         queued.append((reply, addr))
+        self.deferred += 1
         if not self._writing and self._loop is not None and not self.closed:
             self._loop.add_writer(self._fd, self._writable)
             self._writing = True
 
     def _writable(self) -> None:
         queued = self.queued
-        sendto = self.sock.sendto
         while queued:
             reply, addr = queued[0]
-            try:
-                sendto(reply, addr)
-            except OSError as exc:
-                if exc.errno in _SEND_LATER:
+            error = self._sendto(reply, addr)
+            if error is not None:
+                if error.errno in _SEND_LATER:
                     return
                 self.dropped_replies += 1
-                log.debug("UDP send to %s: %s", addr[0], exc)
+                log.debug("UDP send to %s: %s", addr[0], error)
             queued.popleft()
         if self._writing and self._loop is not None:
             self._loop.remove_writer(self._fd)
