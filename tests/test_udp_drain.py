@@ -76,10 +76,10 @@ def client(port: int = 0) -> socket.socket:
     return sock
 
 
-async def collect(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
-    """Up to ``count`` datagrams, waiting at most ``timeout`` seconds in all."""
+async def collect(sock: socket.socket, count: int, wait: float = 10.0) -> list[bytes]:
+    """Up to ``count`` datagrams, waiting at most ``wait`` seconds in all."""
     got: list[bytes] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait
     while len(got) < count and time.monotonic() < deadline:
         try:
             got.append(sock.recv(65535))
@@ -159,7 +159,7 @@ def test_a_reflection_port_source_gets_nothing(loop_name: str) -> None:
                 pytest.skip(f"cannot bind port 19 here: {exc}")
             try:
                 spoofed.sendto(query(1, 7), ("127.0.0.1", port))
-                assert await collect(spoofed, 1, timeout=1.0) == []
+                assert await collect(spoofed, 1, wait=1.0) == []
             finally:
                 spoofed.close()
             assert front.admission.stats.refused["reflection"] == 1
@@ -178,7 +178,7 @@ def test_the_rate_limit_still_drops_and_slips(loop_name: str) -> None:
         try:
             for i in range(10):
                 asker.sendto(query(i, i), ("127.0.0.1", port))
-            replies = [dns.message.from_wire(r) for r in await collect(asker, 10, timeout=3.0)]
+            replies = [dns.message.from_wire(r) for r in await collect(asker, 10, wait=3.0)]
             full = [r for r in replies if r.answer]
             slipped = [r for r in replies if not r.answer and r.flags & dns.flags.TC]
             assert 1 <= len(full) <= 2

@@ -41,11 +41,11 @@ def main() -> None:
                 asker.sendto(message.to_wire(), ("127.0.0.1", port))
             replies: list[bytes] = []
             for _ in range(200):  # up to 20 s
-                replies += await collect(asker, count - len(replies), timeout=0.1)
+                replies += await collect(asker, count - len(replies), wait=0.1)
                 if len(replies) + front.dropped_replies >= count and not front.queued:
                     break
             await asyncio.sleep(0.5)  # anything still on its way
-            replies += await collect(asker, count, timeout=0.1)
+            replies += await collect(asker, count, wait=0.1)
             ids = {dns.message.from_wire(r).id for r in replies}
             result.update(
                 answered=len(replies),

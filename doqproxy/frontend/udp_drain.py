@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import logging
 import socket
@@ -54,10 +55,8 @@ def quiet_icmp_errors(sock: socket.socket) -> None:
     if sock.family == socket.AF_INET6:
         options.append((socket.IPPROTO_IPV6, _IPV6_RECVERR))
     for level, option in options:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(level, option, 0)
-        except OSError:
-            pass
 
 
 class DrainedUdpFront:
