@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import gc
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Hashable
@@ -295,15 +294,16 @@ async def serve(
     udp_fronts: list[UdpFrontEnd] = []
     drained: list[DrainedUdpFront] = []
     servers: list[asyncio.base_events.Server] = []
-    reader = os.environ.get("DOQPROXY_UDP_READER", "protocol")
     for udp_sock in udp_socks:
-        if reader.startswith("drain"):
-            dfront = DrainedUdpFront(
-                front_resolver, inflight, admission, udp_sock, into=reader == "drain-into"
-            )
-            dfront.start(loop)
-            drained.append(dfront)
-            continue
+        if settings.udp_reader == "drain":
+            dfront = DrainedUdpFront(front_resolver, inflight, admission, udp_sock)
+            try:
+                dfront.start(loop)
+            except NotImplementedError:  # a loop without add_reader (Windows' proactor)
+                log.info("this event loop cannot watch sockets: UDP uses --udp-reader protocol")
+            else:
+                drained.append(dfront)
+                continue
         front = UdpFrontEnd(front_resolver, inflight, admission)
         await loop.create_datagram_endpoint(lambda front=front: front, sock=udp_sock)  # type: ignore[misc]
         udp_fronts.append(front)

@@ -73,6 +73,14 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
     help="Largest UDP reply; larger answers get TC=1 so the client retries over TCP.",
 )
 @click.option(
+    "--udp-reader",
+    type=click.Choice(["drain", "protocol"]),
+    default="drain",
+    show_default=True,
+    help="How UDP queries are read: drain the socket in one callback, or asyncio's "
+    "per-datagram protocol (the old way; for comparison).",
+)
+@click.option(
     "--tcp-idle-timeout",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -127,6 +135,7 @@ def forward(
     timeout: float,
     no_padding: bool,
     max_udp_size: int,
+    udp_reader: str,
     tcp_idle_timeout: float,
     tcp_message_timeout: float,
     tcp_max_connections: int,
@@ -170,6 +179,7 @@ def forward(
         timeout=timeout,
         padding=not no_padding,
         max_udp_size=max_udp_size,
+        udp_reader=udp_reader,
         tcp=tcp_limits(
             options,
             TcpLimits(

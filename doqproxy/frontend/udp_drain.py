@@ -71,7 +71,6 @@ class DrainedUdpFront:
         *,
         budget: int = BUDGET,
         max_queued: int = MAX_QUEUED,
-        into: bool = False,
     ) -> None:
         self.resolver = resolver
         self.inflight = inflight
@@ -95,15 +94,13 @@ class DrainedUdpFront:
         self._fd = sock.fileno()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writing = False
-        self.into = into
-        self._buffer = bytearray(_RECV_SIZE)
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Make the socket non-blocking and start reading it."""
         self._loop = loop or asyncio.get_running_loop()
         self.sock.setblocking(False)
         quiet_icmp_errors(self.sock)
-        self._loop.add_reader(self._fd, self._readable_into if self.into else self._readable)
+        self._loop.add_reader(self._fd, self._readable)
 
     def close(self) -> None:
         """Stop reading and writing and close the socket (queued replies are dropped)."""
@@ -141,45 +138,6 @@ class DrainedUdpFront:
             if not self.accepting:
                 continue
             # Fast lane, as in UdpFrontEnd.datagram_received.
-            client = trusted.get(addr[0])
-            if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
-                verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())
-                if verdict is not None:
-                    if verdict:
-                        send(verdict, addr)
-                    continue
-                client = admission.client(addr[0])
-            reply = cached_reply(data, udp=True, client=addr)
-            if reply is None:
-                reply = admission.overloaded(data, len(self.inflight))
-                if reply is None:
-                    self.inflight.spawn(self._answer(data, addr, client))
-                    continue
-            reply = admission.udp_reply(reply, client, time.monotonic())
-            if reply:
-                send(reply, addr)
-
-    def _readable_into(self) -> None:
-        recvfrom_into = self.sock.recvfrom_into
-        buffer = self._buffer
-        view = memoryview(buffer)
-        admission = self.admission
-        trusted = admission.trusted
-        cached_reply = self.resolver.cached_reply
-        send = self._send
-        self.reads += 1
-        for _ in range(self.budget):
-            try:
-                n, addr = recvfrom_into(buffer)
-            except _WOULD_BLOCK:
-                return
-            except OSError as exc:
-                self.recv_errors += 1
-                log.debug("UDP error: %s", exc)
-                continue
-            if not self.accepting:
-                continue
-            data = bytes(view[:n])
             client = trusted.get(addr[0])
             if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
                 verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())

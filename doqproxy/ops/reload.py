@@ -89,6 +89,8 @@ class Reloader:
             return False
         if new.listen != old.listen:
             log.warning("reload: listen addresses cannot change without a restart; keeping them")
+        if new.udp_reader != old.udp_reader:
+            log.warning("reload: --udp-reader cannot change without a restart; keeping it")
         cache = self.resolver.cache
         if new.cache != old.cache:
             if cache is None or not new.cache.enabled:
