@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import socket
+import sys
 import time
 from typing import Any
 
@@ -31,11 +32,12 @@ BUDGET = 64
 MAX_QUEUED = 1024
 """Replies waiting for a writable socket; past this the oldest is dropped."""
 _RECV_SIZE = 65535
-_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+_LINUX = sys.platform.startswith("linux")
+_IP_RECVERR = getattr(socket, "IP_RECVERR", 11)  # Linux's numbers; Python 3.11 lacks the names
 _IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
 _WOULD_BLOCK = (BlockingIOError, InterruptedError)
 _SEND_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EINTR})
-# With IP_RECVERR (which a socket from systemd may have), an ICMP error for an
+# With IP_RECVERR (which a socket handed to us may have), an ICMP error for an
 # earlier reply is reported by the next sendto, which then sends nothing: that
 # reply is for someone else, so it is sent again.
 _ICMP_ERRORS = frozenset(
@@ -44,13 +46,15 @@ _ICMP_ERRORS = frozenset(
 
 
 def quiet_icmp_errors(sock: socket.socket) -> None:
-    """Turn off IP_RECVERR (a socket from systemd or elsewhere may have it on).
+    """Turn off IP_RECVERR on Linux (a socket handed to us may have it on).
 
     With it, an ICMP error for an earlier reply sits in the socket's error queue
     and keeps it in POLLERR: libuv (uvloop) then stops the reader for good, and
     epoll (asyncio) reports the socket ready for ever. Without it, Linux does not
     report ICMP errors on an unconnected UDP socket at all, as we want.
     """
+    if not _LINUX:
+        return
     options = [(socket.IPPROTO_IP, _IP_RECVERR)]
     if sock.family == socket.AF_INET6:
         options.append((socket.IPPROTO_IPV6, _IPV6_RECVERR))
