@@ -17,7 +17,7 @@ from doqproxy.frontend.admission import AccessSettings, Admission
 from doqproxy.frontend.inflight import InFlight
 from doqproxy.frontend.tcp import TcpFrontEnd
 from doqproxy.frontend.udp import UdpFrontEnd
-from doqproxy.frontend.udp_drain import DrainedUdpFront
+from doqproxy.frontend.udp_drain import DrainedUdpFront, choose_reader
 from doqproxy.net.interfaces import InterfaceAddress, InterfaceError, interface_addresses
 from doqproxy.net.sockets import bind
 from doqproxy.ops import process
@@ -294,8 +294,10 @@ async def serve(
     udp_fronts: list[UdpFrontEnd] = []
     drained: list[DrainedUdpFront] = []
     servers: list[asyncio.base_events.Server] = []
+    reader = choose_reader(settings.udp_reader, process.event_loop_name())
+    log.info("UDP reader: %s (--udp-reader %s)", reader, settings.udp_reader)
     for udp_sock in udp_socks:
-        if settings.udp_reader == "drain":
+        if reader == "drain":
             dfront = DrainedUdpFront(front_resolver, inflight, admission, udp_sock)
             try:
                 dfront.start(loop)

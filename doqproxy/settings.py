@@ -31,9 +31,9 @@ class ForwardSettings:
     padding: bool = True
     max_udp_size: int = 1232
     """The largest UDP reply, and the payload size our OPT advertises."""
-    udp_reader: str = "drain"
-    """``drain``: a reader callback empties the UDP socket; ``protocol``: asyncio's
-    per-datagram protocol callbacks (see BENCHMARKS.md)."""
+    udp_reader: str = "auto"
+    """``drain``: a reader callback empties the UDP socket; ``protocol``: one protocol
+    callback per datagram; ``auto``: drain on asyncio, protocol on uvloop (BENCHMARKS.md)."""
     tcp: TcpLimits = field(default_factory=TcpLimits)
     pool: PoolSettings = field(default_factory=PoolSettings)
     state_dir: Path | None = None

@@ -20,7 +20,7 @@ from doqproxy.cache.policy import AnswerCache, CacheSettings
 from doqproxy.frontend.access import AccessList
 from doqproxy.frontend.admission import AccessSettings, Admission
 from doqproxy.frontend.inflight import InFlight
-from doqproxy.frontend.udp_drain import DrainedUdpFront
+from doqproxy.frontend.udp_drain import DrainedUdpFront, choose_reader
 from doqproxy.resolver import Resolver
 from doqproxy.upstream.zone import ZoneBackend
 
@@ -191,6 +191,14 @@ def test_the_rate_limit_still_drops_and_slips(loop_name: str) -> None:
             front.close()
 
     run(loop_name, main)
+
+
+def test_auto_drains_on_asyncio_only() -> None:
+    assert choose_reader("auto", "asyncio") == "drain"
+    assert choose_reader("auto", "uvloop") == "protocol"
+    for loop_name in LOOPS:
+        assert choose_reader("drain", loop_name) == "drain"
+        assert choose_reader("protocol", loop_name) == "protocol"
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)

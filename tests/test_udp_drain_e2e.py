@@ -1,4 +1,4 @@
-"""``doqproxy forward`` with either UDP reader (``--udp-reader drain``, the default,
+"""``doqproxy forward`` with each ``--udp-reader`` (``auto``, the default, ``drain``
 or ``protocol``) on either event loop: dnsperf's burst of cache hits is answered
 in full, and SIGTERM still shuts down cleanly."""
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from doqproxy.frontend.udp_drain import choose_reader
+
 from .conftest import ProxyProcess
 from .doq_fixture import DoqTestUpstream
 
@@ -25,7 +27,7 @@ NAMES = 64
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
-@pytest.mark.parametrize("reader", ["drain", "protocol"])
+@pytest.mark.parametrize("reader", ["auto", "drain", "protocol"])
 async def test_dnsperf_burst_is_answered(
     upstream: DoqTestUpstream,
     start_proxy: StartProxy,
@@ -55,5 +57,7 @@ async def test_dnsperf_burst_is_answered(
         assert re.search(rf"Queries completed:\s+{sent} ", out), out
         assert re.search(rf"NOERROR {sent} \(100\.00%\)", out), out
     assert f"event loop: {loop_name}" in proxy.stderr()
+    used = choose_reader(reader, loop_name)
+    assert f"UDP reader: {used} (--udp-reader {reader})" in proxy.stderr()
     assert proxy.stop() == 0
     assert "Traceback" not in proxy.stderr()

@@ -74,11 +74,12 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
 )
 @click.option(
     "--udp-reader",
-    type=click.Choice(["drain", "protocol"]),
-    default="drain",
+    type=click.Choice(["auto", "drain", "protocol"]),
+    default="auto",
     show_default=True,
-    help="How UDP queries are read: drain the socket in one callback, or asyncio's "
-    "per-datagram protocol (the old way; for comparison).",
+    help="How UDP queries are read: drain the socket in one callback, or one protocol "
+    "callback per datagram; auto: drain on the standard asyncio loop (3.5x faster there), "
+    "protocol on uvloop (no clear difference).",
 )
 @click.option(
     "--tcp-idle-timeout",

@@ -45,6 +45,18 @@ _ICMP_ERRORS = frozenset(
 )
 
 
+def choose_reader(setting: str, event_loop: str) -> str:
+    """``drain`` or ``protocol`` for ``--udp-reader`` on the running ``event_loop``.
+
+    ``auto`` drains on the standard asyncio loop, whose datagram transport costs
+    about four times the CPU per cache hit, and keeps uvloop's protocol callbacks,
+    which the drained reader did not beat beyond the noise (BENCHMARKS.md).
+    """
+    if setting != "auto":
+        return setting
+    return "drain" if event_loop == "asyncio" else "protocol"
+
+
 def quiet_icmp_errors(sock: socket.socket) -> None:
     """Turn off IP_RECVERR on Linux (a socket handed to us may have it on).
 
