@@ -86,7 +86,9 @@ def _connections(engine: str, certs: tuple[Path, Path, Path]) -> tuple[Any, Any,
     return client, server, events
 
 
-def measure(engine: str, batch: int, queries: int, certs: tuple[Path, Path, Path]) -> dict[str, Any]:
+def measure(
+    engine: str, batch: int, queries: int, certs: tuple[Path, Path, Path]
+) -> dict[str, Any]:
     """Client CPU per query (µs) and packets per query each way, for one engine and batch."""
     client, server, events = _connections(engine, certs)
     stream_data = events.StreamDataReceived

@@ -5,6 +5,7 @@ from someone else is never mistaken for (or swallowed as) a timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -105,10 +106,8 @@ def test_a_deadline_that_fired_as_the_work_ended_takes_its_cancel_back() -> None
         assert task.cancelling() == 0
         assert book.live == 0
         book.close()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.sleep(0)  # Python 3.11 still delivers the pending cancel
-        except asyncio.CancelledError:
-            pass
 
     asyncio.run(main())
 
