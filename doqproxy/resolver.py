@@ -165,12 +165,16 @@ class Resolver:
             self.stats.queries += 1
         return reply
 
-    async def resolve(self, data: bytes, *, udp: bool, client: Any = None) -> bytes | None:
+    async def resolve(
+        self, data: bytes, *, udp: bool, client: Any = None, cache_checked: bool = False
+    ) -> bytes | None:
         """The reply to send for ``data``, or ``None`` to send nothing.
 
         ``client`` (the peer address) is for observers that wrap the resolver.
+        ``cache_checked``: the caller just had :meth:`cached_reply` miss, so the
+        fast cache path is not tried again.
         """
-        if self.cache is not None:
+        if self.cache is not None and not cache_checked:
             reply = self.cache.fast_reply(data, udp)
             if reply is not None:
                 self.stats.queries += 1
