@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -41,7 +42,8 @@ _early_sighups: list[int] = []
 def hold_early_sighup() -> None:
     """Keep a SIGHUP that arrives before the forwarder is up (its default action
     ends the process) and apply it as a reload once it is: :meth:`Operations.start`."""
-    signal.signal(signal.SIGHUP, lambda signum, frame: _early_sighups.append(signum))
+    if threading.current_thread() is threading.main_thread():  # signals go there only
+        signal.signal(signal.SIGHUP, lambda signum, frame: _early_sighups.append(signum))
 
 
 STATUS_INTERVAL = 10.0
