@@ -2,6 +2,10 @@
 
 qh3 keeps aioquic's sans-I/O API, so this mirrors :mod:`engine_aioquic` without
 its internals: the stream limit and the packets in flight come from qh3's core.
+Sends are batched the same way (one transmit per connection per event-loop turn)
+and ACKs ride on queries, but by other means: qh3's core asks to ACK every
+1-RTT packet at once and has no knob for it, so the engine decides when to ask
+the core for datagrams instead.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ __all__ = [
     "warm_up",
 ]
 
+ACK_DELAY = 0.005
+"""Seconds an ACK for 1-RTT packets may wait for a query to ride on, once the
+handshake is confirmed (as in :mod:`engine_aioquic`). We advertise max_ack_delay
+25 ms (qh3's default), so this stays well inside what RFC 9000 13.2.1 allows."""
+
 _END_STATES = (
     QuicConnectionState.CLOSING,
     QuicConnectionState.DRAINING,
@@ -49,9 +58,13 @@ def version() -> str:
 
 
 class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
+    """Moves datagrams between the socket and qh3; events go to the owner."""
+
     owner: SessionOwner
     connected: ConnectedTransport | None = None
     received = 0
+    _ack_flush: asyncio.TimerHandle | None = None
+    """The deferred transmit that sends a pending ACK if no query takes it first."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected = ConnectedTransport(cast(asyncio.DatagramTransport, transport))
@@ -74,12 +87,19 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         self.received += 1
         quic = self._quic
-        quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        now = self._loop.time()
+        core = quic._core
+        lost = 0 if core is None else core.loss_total
+        quic.receive_datagram(cast(bytes, data), addr, now=now)
         self._process_events()
-        if quic._handshake_confirmed:
-            self._transmit_soon()
-        else:
-            self.transmit()
+        if not quic._handshake_confirmed:
+            self.transmit()  # the handshake's next flight leaves at once
+        elif core is not None and core.loss_total != lost:
+            self._transmit_soon()  # resend what this ACK showed lost now, not later
+        elif self._transmit_task is None and self._ack_flush is None:
+            # All that is due is the ACK: give a query ACK_DELAY to carry it. Anything
+            # that transmits meanwhile (a query, a timer, a cancel) takes it along.
+            self._ack_flush = self._loop.call_at(now + ACK_DELAY, self.transmit)
         close = quic._close_event
         if quic._state in _END_STATES and close is not None:
             self.owner.on_terminated(close.error_code, close.reason_phrase, draining=True)
@@ -89,6 +109,20 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     def _transmit_soon(self) -> None:
         if self._transmit_task is None:
             self._transmit_task = self._loop.call_soon(self.transmit)
+
+    def transmit(self) -> None:
+        flush = self._ack_flush
+        if flush is not None:
+            self._ack_flush = None
+            flush.cancel()
+        super().transmit()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        flush = self._ack_flush
+        if flush is not None:
+            self._ack_flush = None
+            flush.cancel()
+        super().connection_lost(exc)
 
     def error_received(self, exc: Exception) -> None:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
