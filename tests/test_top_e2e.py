@@ -25,8 +25,8 @@ import dns.rcode
 import pytest
 
 from doqproxy.top import scrape
-from doqproxy.upstream import engine
 from doqproxy.top.scrape import ScrapeError
+from doqproxy.upstream import engine
 
 from .conftest import ProxyProcess, doqproxy_command, free_port
 from .doq_fixture import DoqTestUpstream
