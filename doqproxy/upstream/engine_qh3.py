@@ -23,6 +23,7 @@ from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
+from qh3.quic.packet import QuicErrorCode
 from qh3.tls import CipherSuite, SessionTicket
 
 from doqproxy.doq import framing
@@ -65,6 +66,8 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     received = 0
     _ack_flush: asyncio.TimerHandle | None = None
     """The deferred transmit that sends a pending ACK if no query takes it first."""
+    failed = False
+    """Whether qh3's core failed (see :meth:`_fail`); nothing is sent or read then."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected = ConnectedTransport(cast(asyncio.DatagramTransport, transport))
@@ -85,6 +88,8 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
             owner.on_terminated(event.error_code, event.reason_phrase, draining=False)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.failed:
+            return
         self.received += 1
         quic = self._quic
         now = self._loop.time()
@@ -115,7 +120,34 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         if flush is not None:
             self._ack_flush = None
             flush.cancel()
-        super().transmit()
+        if self.failed:
+            return
+        try:
+            super().transmit()
+        except (ValueError, QuicConnectionError) as exc:
+            self._fail(str(exc))
+
+    def _fail(self, reason: str) -> None:
+        """qh3's core failed to build packets: the connection can send nothing more.
+
+        qh3 2.1.0 does this ("reserved stream is missing") when a stream completes
+        while data queued for resending after a PTO still names it. The packets
+        being built are lost with it, and the queries in them never reach the
+        server, although later attempts may succeed. So the connection is ended
+        here, at once: its queries fail over (the pool retries them) instead of
+        waiting for their timeout.
+        """
+        self.failed = True
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        self._closed.set()
+        if self._transport is not None:
+            self._transport.close()
+        self.owner.on_terminated(
+            QuicErrorCode.INTERNAL_ERROR, f"QUIC engine error: {reason}", draining=False
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         flush = self._ack_flush
