@@ -2,11 +2,11 @@
 fail over, instead of some of them being lost until their timeout.
 
 qh3 2.1.0 raises ``ValueError: reserved stream is missing`` from ``poll_transmit``
-when a stream completes while data queued for resending after a PTO still names it
-(seen with 500 concurrent queries through the forwarder on a loaded machine,
-``DOQPROXY_QUIC_ENGINE=qh3``, tests/test_forward_e2e.py). The queries in the packets
-it was building never reach the server. The failure is injected here, so the test
-does not depend on the timing that provokes it."""
+when a stream completes while a resend of its data (after a PTO) waits, already
+reserved, for the congestion window (seen with 500 concurrent queries through the
+forwarder on a loaded machine, ``DOQPROXY_QUIC_ENGINE=qh3``, tests/test_forward_e2e.py).
+The queries in the packet it was building never reach the server. The failure is
+injected here, so the test does not depend on the timing that provokes it."""
 
 from __future__ import annotations
 

@@ -131,11 +131,12 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         """qh3's core failed to build packets: the connection can send nothing more.
 
         qh3 2.1.0 does this ("reserved stream is missing") when a stream completes
-        while data queued for resending after a PTO still names it. The packets
-        being built are lost with it, and the queries in them never reach the
-        server, although later attempts may succeed. So the connection is ended
-        here, at once: its queries fail over (the pool retries them) instead of
-        waiting for their timeout.
+        while a resend of its data (after a PTO) waits, already reserved, for the
+        congestion window to open. The packet being built is dropped, with the data
+        of other streams that the core now counts as sent: those queries never
+        reach the server, although later attempts succeed. So the connection is
+        ended here, at once: its queries fail over (the pool retries them) instead
+        of waiting for their timeout.
         """
         self.failed = True
         timer = self._timer
