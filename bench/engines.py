@@ -89,3 +89,13 @@ def default_engine() -> str:
         check=True,
     )
     return done.stdout.strip()
+
+
+def pipeline(queries: int) -> dict[str, Any]:
+    """:mod:`bench.pipeline` in a fresh process: doqproxy's own Python per miss."""
+    argv = [sys.executable, "-m", "bench.pipeline", "--queries", str(queries)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"pipeline measurement failed: {done.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result

@@ -332,6 +332,15 @@ def engines_section(results: dict[str, Any]) -> list[str]:
             f"| {_fmt(entry.get('datagrams_up_per_query'), 2)} "
             f"| {_fmt(entry.get('datagrams_down_per_query'), 2)} | {valid} |"
         )
+    pipe = found.get("pipeline")
+    if pipe:
+        out += [
+            "",
+            f"doqproxy's own Python per miss (`python -m bench.pipeline`: resolver → group → "
+            f"pool → connection over a scripted engine that answers at once, no sockets, "
+            f"{pipe['in_flight']} in flight, {pipe['event_loop']}): "
+            f"**{_fmt(pipe['cpu_us_per_query'])} µs** per query.",
+        ]
     floors = found.get("floor") or []
     if floors:
         out += [

@@ -317,6 +317,8 @@ class Bench:
         progress("engines: each engine's own floor, in memory (bench.engine_floor)")
         found["floor"] = engines.floor(installed, 2000 if plan.quick else 20000)
         found["default_engine"] = engines.default_engine()
+        progress("engines: doqproxy's own Python per miss, scripted engine (bench.pipeline)")
+        found["pipeline"] = engines.pipeline(5000 if plan.quick else 50000)
         return found
 
     def bare_client(
