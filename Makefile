@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install venv test lint debian-tools demo bench fuzz soak clean
+.PHONY: install venv test test-engines lint debian-tools demo bench fuzz soak clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ lint: venv
 
 test: venv debian-tools lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory test-engines
+
+# The upstream-side end-to-end tests once more on the other QUIC engine (the suite
+# runs on the default one; tests/test_quic_engines.py covers each engine already).
+ENGINE_E2E := tests/test_pool_e2e.py tests/test_upstream_liveness.py \
+	tests/test_doq_response_id.py tests/test_ipv6_upstream.py tests/test_forward_via_serve.py
+test-engines: venv
+	DOQPROXY_QUIC_ENGINE=qh3 $(VENV)/bin/pytest -q -p no:cacheprovider $(ENGINE_E2E)
 
 # One command, offline, no root: serve a demo zone over DoQ, forward to it, ask it.
 DEMO_PORT ?= 5353

@@ -10,9 +10,12 @@ summary line, the bare clients count their own.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,3 +64,38 @@ def forward_case(
         entry["datagrams_up_per_query"] = round((counts1[0] - counts0[0]) / answered, 3)
         entry["datagrams_down_per_query"] = round((counts1[1] - counts0[1]) / answered, 3)
     return entry
+
+
+def floor(installed: list[str], queries: int) -> list[dict[str, Any]]:
+    """:mod:`bench.engine_floor` in a fresh process: each engine's client CPU per
+    query with no sockets, at 1, 4 and 16 queries per packet-building turn."""
+    argv = [sys.executable, "-m", "bench.engine_floor", "--queries", str(queries)]
+    for engine in installed:
+        argv += ["--engine", engine]
+    for batch in (1, 4, 16):
+        argv += ["--batch", str(batch)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"engine floor failed: {done.stderr.strip()[-500:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def default_engine() -> str:
+    """The engine ``doqproxy forward`` uses when none is named."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from doqproxy.upstream import engine; print(engine.NAME)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def pipeline(queries: int) -> dict[str, Any]:
+    """:mod:`bench.pipeline` in a fresh process: doqproxy's own Python per miss."""
+    argv = [sys.executable, "-m", "bench.pipeline", "--queries", str(queries)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"pipeline measurement failed: {done.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result

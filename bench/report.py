@@ -70,6 +70,7 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         ("p99 while the fastest of 3 upstreams is black-holed",
          _get(results, "failover", "during", "p99_ms"), "ms", "<=",
          _get(results, "failover", "goal_p99_during_ms")),
+        *_engine_goals(results),
     ]  # fmt: skip
     found = []
     for name, value, unit, op, target in rows:
@@ -79,6 +80,36 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         goal = f"{'≥' if op == '>=' else '≤'} {target:g} {unit}" if target is not None else ""
         found.append({"name": name, "value": value, "unit": unit, "goal": goal, "met": met})
     return found
+
+
+def _engine_goals(results: dict[str, Any]) -> list[tuple[str, Any, str, str | None, Any]]:
+    """Issue 13's goals: CPU per miss on the default engine, datagrams against the
+    bare client of the same engine, the warm miss against the bare-client floor."""
+    found = results.get("engines") or {}
+    engine = found.get("default_engine")
+    ours = found.get(f"doqproxy_{engine}") or {}
+    bare = found.get(f"bare_{engine}") or {}
+    rows: list[tuple[str, Any, str, str | None, Any]] = [
+        (f"miss path CPU per query, default engine ({engine})",
+         ours.get("cpu_us_per_query"), "µs", "<=", 125.0),
+    ]  # fmt: skip
+    for way in ("up", "down"):
+        key = f"datagrams_{way}_per_query"
+        rows.append(
+            (f"upstream datagrams {way} per query, doqproxy ({engine}) / bare {engine} client",
+             _ratio(ours.get(key), bare.get(key)), TIMES, "<=", 1.0)
+        )  # fmt: skip
+    warm = _get(results, "link", "warm_miss_ms", "median")
+    floor = _get(results, "link", "floor_bare_client_median_ms")
+    above = None if warm is None or floor is None else round(warm - floor, 2)
+    rows.append(("warm miss above the bare-client floor, 50 ms RTT", above, "ms", "<=", 0.5))
+    return rows
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return None
+    return round(a / b, 3)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -301,6 +332,34 @@ def engines_section(results: dict[str, Any]) -> list[str]:
             f"| {_fmt(entry.get('datagrams_up_per_query'), 2)} "
             f"| {_fmt(entry.get('datagrams_down_per_query'), 2)} | {valid} |"
         )
+    pipe = found.get("pipeline")
+    if pipe:
+        out += [
+            "",
+            f"doqproxy's own Python per miss (`python -m bench.pipeline`: resolver → group → "
+            f"pool → connection over a scripted engine that answers at once, no sockets, "
+            f"{pipe['in_flight']} in flight, {pipe['event_loop']}): "
+            f"**{_fmt(pipe['cpu_us_per_query'])} µs** per query.",
+        ]
+    floors = found.get("floor") or []
+    if floors:
+        out += [
+            "",
+            "Each engine's own floor (`python -m bench.engine_floor`): a client and a server "
+            "connection of the engine talk in memory, and only the client's calls are timed "
+            "(writing queries, building packets, reading the answers as events). Each query is "
+            "answered in a packet of its own (468-octet padded answers, as serve sends); "
+            "`batch` queries are written per packet-building turn. No syscalls, no DNS work:",
+            "",
+            "| engine | batch | CPU µs/query | packets up/query | packets down/query |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for row in floors:
+            out.append(
+                f"| {row['engine']} | {row['batch']} | {_fmt(row['cpu_us_per_query'])} "
+                f"| {_fmt(row['packets_up_per_query'], 2)} "
+                f"| {_fmt(row['packets_down_per_query'], 2)} |"
+            )
     return out
 
 

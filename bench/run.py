@@ -314,6 +314,11 @@ class Bench:
         for engine in installed:
             progress(f"engines: bare {engine} client, 1 connection, 100 streams")
             found[f"bare_{engine}"] = self.bare_client(self.doq_port, 1, 100, engine=engine)
+        progress("engines: each engine's own floor, in memory (bench.engine_floor)")
+        found["floor"] = engines.floor(installed, 2000 if plan.quick else 20000)
+        found["default_engine"] = engines.default_engine()
+        progress("engines: doqproxy's own Python per miss, scripted engine (bench.pipeline)")
+        found["pipeline"] = engines.pipeline(5000 if plan.quick else 50000)
         return found
 
     def bare_client(

@@ -188,7 +188,16 @@ class Routes:
         if old is not None and _reusable(old) == _reusable(builder):
             builder.made = dict(old.made)
             builder.bootstrap = old.bootstrap
-        routed, local = builder.build(default)
+        try:
+            routed, local = builder.build(default)
+        except Exception:
+            # A later route failed (a bad CA file, say): the upstreams this build
+            # already made and started would run on unused. The old ones stay.
+            kept = {id(u) for u in old.made.values()} if old is not None else set()
+            for upstream in builder.made.values():
+                if id(upstream) not in kept:
+                    _close_later(upstream, 0.0)
+            raise
         # Keep only what the new routes use: the rest is closed below.
         used = {
             *settings.routing.fallback,

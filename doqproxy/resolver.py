@@ -21,6 +21,7 @@ from typing import Any
 
 from doqproxy.cache.policy import AnswerCache
 from doqproxy.coalesce import Coalescer
+from doqproxy.deadlines import Deadlines
 from doqproxy.dns import rewrite, validate, wire
 from doqproxy.dns.ede import Ede
 from doqproxy.dns.wire import Question
@@ -46,7 +47,7 @@ class ResolverStats:
     """SERVFAILs by the EDE INFO-CODE doqproxy attached; ``None``: the upstream's own."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: one per cache miss, and frozen init is slow
 class Answer:
     """A checked upstream answer."""
 
@@ -144,6 +145,7 @@ class Resolver:
         self.stats = ResolverStats()
         self.cache = cache
         self._fetches: Coalescer[Outcome] = Coalescer()
+        self._deadlines = Deadlines()
         self._background: set[asyncio.Task[None]] = set()
         self.failure_log = FailureLog()
         if cache is not None:
@@ -163,12 +165,16 @@ class Resolver:
             self.stats.queries += 1
         return reply
 
-    async def resolve(self, data: bytes, *, udp: bool, client: Any = None) -> bytes | None:
+    async def resolve(
+        self, data: bytes, *, udp: bool, client: Any = None, cache_checked: bool = False
+    ) -> bytes | None:
         """The reply to send for ``data``, or ``None`` to send nothing.
 
         ``client`` (the peer address) is for observers that wrap the resolver.
+        ``cache_checked``: the caller just had :meth:`cached_reply` miss, so the
+        fast cache path is not tried again.
         """
-        if self.cache is not None:
+        if self.cache is not None and not cache_checked:
             reply = self.cache.fast_reply(data, udp)
             if reply is not None:
                 self.stats.queries += 1
@@ -226,9 +232,16 @@ class Resolver:
         """Ask the upstream and, with a cache, keep the answer. Never raises for
         upstream trouble: the outcome is shared by every waiter."""
         message = rewrite.upstream_query(data, question, pad_block=self.upstream.pad_block)
+        deadline = self._deadlines.start(self.timeout)  # asyncio.timeout's work, cheaper
         try:
-            async with asyncio.timeout(self.timeout):
+            try:
                 response = await self.upstream.query(message, question)
+            except asyncio.CancelledError:
+                if not deadline.expired():
+                    raise
+                raise TimeoutError from None
+            finally:
+                deadline.done()
             parsed = rewrite.check_response(response, question)
         except TimeoutError:
             reason = f"{self.upstream.name}: no answer within {self.timeout:g}s"
@@ -283,6 +296,7 @@ class Resolver:
         for task in list(self._background):
             task.cancel()
         await self._fetches.aclose()
+        self._deadlines.close()
 
     def _failure(self, question: Question, reason: str, ede: Ede) -> bytes:
         self.stats.upstream_errors += 1

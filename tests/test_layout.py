@@ -16,6 +16,7 @@ RANKS = {
     "upstream": 3,
     "routing": 4,
     "coalesce": 4,
+    "deadlines": 4,
     "resolver": 5,
     "frontend": 6,
     "ops": 6,

@@ -92,3 +92,43 @@ async def test_sighup_with_a_query_log_that_cannot_be_reopened_still_reloads(
         assert proxy.stop() == 0
     finally:
         proxy.stop()
+
+
+def _catches_sighup(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+async def test_sighup_during_start_up_is_applied_once_up_not_fatal(tmp_path: Path) -> None:
+    """SIGHUP's default action ends a process: one sent after the configuration was
+    read but before the reload handler was in place (listening, warm-up) killed the
+    forwarder. Now the forward command catches it from its first step and applies it
+    as a reload once the forwarder is up."""
+    port = free_port()
+    proxy = ProxyProcess(
+        [
+            "forward", "-v", "-l", f"127.0.0.1:{port}",
+            "-u", f"quic://127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state"),
+        ],
+        port,
+        tmp_path / "p.log",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not _catches_sighup(proxy.proc.pid):  # the earliest moment it is safe to send
+            assert proxy.proc.poll() is None, proxy.stderr()
+            assert time.monotonic() < deadline, "SIGHUP is never caught"
+            await asyncio.sleep(0.001)
+        # Caught before the forwarder is up (before, only its reload handler caught it).
+        assert "listening on" not in proxy.stderr(), proxy.stderr()
+        proxy.proc.send_signal(signal.SIGHUP)
+        await asyncio.to_thread(proxy.wait_ready)
+        await _wait_for_log(proxy, "SIGHUP: reloading the configuration")
+        log = proxy.stderr()
+        assert log.index("listening on") < log.index("SIGHUP: reloading"), log
+        assert await _localhost(port) == ["127.0.0.1"]
+        assert proxy.proc.poll() is None and "Traceback" not in proxy.stderr()
+    finally:
+        proxy.stop()

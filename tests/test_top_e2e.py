@@ -26,6 +26,7 @@ import pytest
 
 from doqproxy.top import scrape
 from doqproxy.top.scrape import ScrapeError
+from doqproxy.upstream import engine
 
 from .conftest import ProxyProcess, doqproxy_command, free_port
 from .doq_fixture import DoqTestUpstream
@@ -97,7 +98,7 @@ async def test_once_and_json_match_the_queries_sent(
         ("23", "Network Error", 1)
     ]
     assert snap["qps"] == 0.0  # nothing was asked between the two scrapes
-    assert snap["version"] == "0.1.0" and snap["quic_engine"] == "aioquic"
+    assert snap["version"] == "0.1.0" and snap["quic_engine"] == engine.NAME
     assert snap["event_loop"] == EVENT_LOOP
     assert 0 < snap["uptime"] < 600
     [row] = snap["upstreams"]

@@ -66,9 +66,12 @@ class FormatError(WireError):
     """Parsable, but not a well-formed DNS message (answer FORMERR)."""
 
 
-@dataclass(slots=True, frozen=True)
+# Edns and Question are built twice on every cache miss (query and answer), so they
+# are plain slotted dataclasses: a frozen one's __init__ costs seven times as much
+# (object.__setattr__ per field). Nothing mutates them; treat them as read-only.
+@dataclass(slots=True)
 class Edns:
-    """The OPT pseudo-record of a message."""
+    """The OPT pseudo-record of a message (read-only by convention)."""
 
     payload: int
     """The requestor's UDP payload size, as sent (not clamped)."""
@@ -88,9 +91,10 @@ class Edns:
         return bool(self.flags & EDNS_DO)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Question:
-    """The parsed header and question of a message, plus its OPT record if any."""
+    """The parsed header and question of a message, plus its OPT record if any
+    (read-only by convention)."""
 
     id: int
     flags: int
@@ -121,6 +125,23 @@ def read_name(data: bytes, offset: int) -> tuple[bytes, int]:
     a name over 255 octets, a pointer past the end, or a pointer that does not
     point strictly backwards (which is what rules out loops).
     """
+    # Fast path: an uncompressed name (a query's, and nearly every answer's
+    # question) is one slice. Anything else, errors included, takes the full walk.
+    pos = offset
+    limit = len(data)
+    while pos < limit:
+        length = data[pos]
+        if length == 0:
+            if pos - offset < 255:
+                return data[offset : pos + 1], pos + 1
+            break
+        if length & 0xC0:
+            break
+        pos += 1 + length
+    return _read_name_walk(data, offset)
+
+
+def _read_name_walk(data: bytes, offset: int) -> tuple[bytes, int]:
     parts: list[bytes] = []
     total = 0
     end = -1

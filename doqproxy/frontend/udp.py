@@ -60,7 +60,7 @@ class UdpFrontEnd(asyncio.DatagramProtocol):
             self.transport.sendto(reply, addr)
 
     async def _answer(self, data: bytes, addr: Any, client: Client) -> None:
-        reply = await self.resolver.resolve(data, udp=True, client=addr)
+        reply = await self.resolver.resolve(data, udp=True, client=addr, cache_checked=True)
         transport = self.transport
         if reply is None or transport is None or transport.is_closing():
             return

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,6 +35,16 @@ from doqproxy.upstream.group import UpstreamGroup
 from doqproxy.upstream.pool import DoqUpstream
 
 log = logging.getLogger(__name__)
+
+_early_sighups: list[int] = []
+
+
+def hold_early_sighup() -> None:
+    """Keep a SIGHUP that arrives before the forwarder is up (its default action
+    ends the process) and apply it as a reload once it is: :meth:`Operations.start`."""
+    if threading.current_thread() is threading.main_thread():  # signals go there only
+        signal.signal(signal.SIGHUP, lambda signum, frame: _early_sighups.append(signum))
+
 
 STATUS_INTERVAL = 10.0
 """Seconds between STATUS= updates when there is no watchdog to piggyback on."""
@@ -111,6 +122,9 @@ class Operations:
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("%s", self.summary()))
         self.notifier.ready(self.summary())
+        if _early_sighups:
+            _early_sighups.clear()
+            loop.call_soon(self._sighup)  # the file may have changed since it was read
         if self.notifier.enabled:
             self._spawn(self._heartbeat())
 

@@ -224,16 +224,19 @@ class ObservedResolver:
             self._record(data, reply, udp, "hit", time.monotonic(), client)
         return reply
 
-    async def resolve(self, data: bytes, *, udp: bool, client: Any = None) -> bytes | None:
+    async def resolve(
+        self, data: bytes, *, udp: bool, client: Any = None, cache_checked: bool = False
+    ) -> bytes | None:
         started = time.monotonic()
-        reply = self.resolver.cached_reply(data, udp=udp)
-        if reply is not None:
-            self._record(data, reply, udp, "hit", started, client)
-            return reply
+        if not cache_checked:
+            reply = self.resolver.cached_reply(data, udp=udp)
+            if reply is not None:
+                self._record(data, reply, udp, "hit", started, client)
+                return reply
         slot: list[str] = []
         token = answered_by.set(slot)
         try:
-            reply = await self.resolver.resolve(data, udp=udp)
+            reply = await self.resolver.resolve(data, udp=udp, cache_checked=True)
         finally:
             answered_by.reset(token)
         status: str | None = None

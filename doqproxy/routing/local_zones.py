@@ -117,6 +117,15 @@ def _default_zones() -> dict[bytes, _Zone]:
     return zones
 
 
+def _last_label(name: bytes) -> bytes:
+    """The top-level label of a wire name with the root, e.g. ``b"\\x04arpa\\x00"``."""
+    last = b"\x00"
+    for _, suffix in suffixes(name):
+        if suffix != b"\x00":
+            last = suffix
+    return last
+
+
 class LocalZones:
     """Answers queries for the locally served zones, except where a route says otherwise.
 
@@ -127,15 +136,18 @@ class LocalZones:
     def __init__(self, routed: Iterable[str] = (), *, enabled: bool = True) -> None:
         self._zones = _default_zones() if enabled else {}
         self._routed = frozenset(to_wire(domain) for domain in routed) - {b"\x00"}
+        # Every local zone ends in one of a few top-level labels (arpa., localhost.,
+        # ...): a name that ends in none of them (nearly every query) is out at once.
+        self._tails = tuple({_last_label(apex) for apex in self._zones})
 
     def __bool__(self) -> bool:
         return bool(self._zones)
 
     def zone_of(self, qname: bytes) -> bytes | None:
         """The apex (lower-case wire) of the local zone that serves ``qname``, if any."""
-        if not self._zones:
-            return None
         name = qname.lower()
+        if not self._zones or not name.endswith(self._tails):
+            return None
         found: bytes | None = None
         for _, suffix in suffixes(name):
             if suffix in self._routed:

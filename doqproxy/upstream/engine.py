@@ -13,14 +13,34 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-NAME = "aioquic"
-"""The QUIC engine the DoQ client uses."""
-
 ENGINES = ("aioquic", "qh3")
 """Engines this build knows."""
+
+ENV = "DOQPROXY_QUIC_ENGINE"
+"""The environment variable that names the engine (``--quic-engine``'s)."""
+
+
+def default_name() -> str:
+    """The engine used unless one is selected: ``$DOQPROXY_QUIC_ENGINE`` when it
+    names an installed engine (so code that builds pools and connections in
+    process follows it too, the tests included), else aioquic.
+
+    A bad value is left to the command line to report (``--quic-engine`` reads the
+    same variable), so it is ignored here.
+    """
+    chosen = os.environ.get(ENV, "")
+    if chosen in ENGINES and importlib.util.find_spec(chosen) is not None:
+        return chosen
+    return "aioquic"
+
+
+NAME = default_name()
+"""The QUIC engine the DoQ client uses."""
 
 
 class ConnectedTransport:
@@ -161,8 +181,6 @@ class Engine(Protocol):
 
 def installed() -> list[str]:
     """The engines whose library is installed here."""
-    import importlib.util
-
     return [name for name in ENGINES if importlib.util.find_spec(name) is not None]
 
 

@@ -2,6 +2,10 @@
 
 qh3 keeps aioquic's sans-I/O API, so this mirrors :mod:`engine_aioquic` without
 its internals: the stream limit and the packets in flight come from qh3's core.
+Sends are batched the same way (one transmit per connection per event-loop turn)
+and ACKs ride on queries, but by other means: qh3's core asks to ACK every
+1-RTT packet at once and has no knob for it, so the engine decides when to ask
+the core for datagrams instead.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
+from qh3.quic.packet import QuicErrorCode
 from qh3.tls import CipherSuite, SessionTicket
 
 from doqproxy.doq import framing
@@ -37,6 +42,11 @@ __all__ = [
     "warm_up",
 ]
 
+ACK_DELAY = 0.005
+"""Seconds an ACK for 1-RTT packets may wait for a query to ride on, once the
+handshake is confirmed (as in :mod:`engine_aioquic`). We advertise max_ack_delay
+25 ms (qh3's default), so this stays well inside what RFC 9000 13.2.1 allows."""
+
 _END_STATES = (
     QuicConnectionState.CLOSING,
     QuicConnectionState.DRAINING,
@@ -49,9 +59,15 @@ def version() -> str:
 
 
 class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
+    """Moves datagrams between the socket and qh3; events go to the owner."""
+
     owner: SessionOwner
     connected: ConnectedTransport | None = None
     received = 0
+    _ack_flush: asyncio.TimerHandle | None = None
+    """The deferred transmit that sends a pending ACK if no query takes it first."""
+    failed = False
+    """Whether qh3's core failed (see :meth:`_fail`); nothing is sent or read then."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected = ConnectedTransport(cast(asyncio.DatagramTransport, transport))
@@ -72,14 +88,23 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
             owner.on_terminated(event.error_code, event.reason_phrase, draining=False)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.failed:
+            return
         self.received += 1
         quic = self._quic
-        quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        now = self._loop.time()
+        core = quic._core
+        lost = 0 if core is None else core.loss_total
+        quic.receive_datagram(cast(bytes, data), addr, now=now)
         self._process_events()
-        if quic._handshake_confirmed:
-            self._transmit_soon()
-        else:
-            self.transmit()
+        if not quic._handshake_confirmed:
+            self.transmit()  # the handshake's next flight leaves at once
+        elif core is not None and core.loss_total != lost:
+            self._transmit_soon()  # resend what this ACK showed lost now, not later
+        elif self._transmit_task is None and self._ack_flush is None:
+            # All that is due is the ACK: give a query ACK_DELAY to carry it. Anything
+            # that transmits meanwhile (a query, a timer, a cancel) takes it along.
+            self._ack_flush = self._loop.call_at(now + ACK_DELAY, self.transmit)
         close = quic._close_event
         if quic._state in _END_STATES and close is not None:
             self.owner.on_terminated(close.error_code, close.reason_phrase, draining=True)
@@ -89,6 +114,48 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     def _transmit_soon(self) -> None:
         if self._transmit_task is None:
             self._transmit_task = self._loop.call_soon(self.transmit)
+
+    def transmit(self) -> None:
+        flush = self._ack_flush
+        if flush is not None:
+            self._ack_flush = None
+            flush.cancel()
+        if self.failed:
+            return
+        try:
+            super().transmit()
+        except (ValueError, QuicConnectionError) as exc:
+            self._fail(str(exc))
+
+    def _fail(self, reason: str) -> None:
+        """qh3's core failed to build packets: the connection can send nothing more.
+
+        qh3 2.1.0 does this ("reserved stream is missing") when a stream completes
+        while a resend of its data (after a PTO) waits, already reserved, for the
+        congestion window to open. The packet being built is dropped, with the data
+        of other streams that the core now counts as sent: those queries never
+        reach the server, although later attempts succeed. So the connection is
+        ended here, at once: its queries fail over (the pool retries them) instead
+        of waiting for their timeout.
+        """
+        self.failed = True
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        self._closed.set()
+        if self._transport is not None:
+            self._transport.close()
+        self.owner.on_terminated(
+            QuicErrorCode.INTERNAL_ERROR, f"QUIC engine error: {reason}", draining=False
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        flush = self._ack_flush
+        if flush is not None:
+            self._ack_flush = None
+            flush.cancel()
+        super().connection_lost(exc)
 
     def error_received(self, exc: Exception) -> None:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -245,7 +312,13 @@ def client_configuration(
     idle_timeout: float = 30.0,
     **extra: Any,
 ) -> QuicConfiguration:
-    """A strict-verification client configuration for DoQ."""
+    """A strict-verification client configuration for DoQ.
+
+    Path MTU discovery is off: it costs three probes of up to 1,472 octets on every
+    new connection, and DNS queries never need more than the 1,200 octets QUIC
+    always allows (answers are sized by the server's own path).
+    """
+    extra.setdefault("probe_datagram_size", False)
     configuration = QuicConfiguration(
         is_client=True,
         alpn_protocols=[framing.ALPN],
