@@ -173,7 +173,7 @@ class DrainedUdpFront:
                 send(reply, addr)
 
     async def _answer(self, data: bytes, addr: Any, client: Client) -> None:
-        reply = await self.resolver.resolve(data, udp=True, client=addr)
+        reply = await self.resolver.resolve(data, udp=True, client=addr, cache_checked=True)
         if reply is None or self.closed:
             return
         reply = self.admission.udp_reply(reply, client, time.monotonic())
