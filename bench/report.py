@@ -323,7 +323,7 @@ def engines_section(results: dict[str, Any]) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for key, entry in found.items():
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or not key.startswith(("doqproxy_", "bare_")):
             continue
         name = key.replace("doqproxy_", "doqproxy forward, ").replace("bare_", "bare client, ")
         valid = "all NOERROR" if entry.get("valid") else f"**{entry.get('rcodes')}**"
