@@ -21,6 +21,11 @@ import itertools
 
 COMPACT_AT = 1024
 """Heap entries past which spent ones are dropped (when they are most of them)."""
+SLACK = 0.001
+"""Seconds early a deadline may fire: uvloop's clock and timers count whole
+milliseconds, so its timer can run that much before a deadline that is not a whole
+number of milliseconds away; a sweep that then found nothing due would re-arm for
+the same instant and spin until the clock ticked."""
 
 
 class Deadline:
@@ -102,9 +107,9 @@ class Deadlines:
     def _sweep(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        due = loop.time() + SLACK
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= due:
             _, _, deadline = heapq.heappop(heap)
             task = deadline.task
             if task is None:
