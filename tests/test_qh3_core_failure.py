@@ -34,8 +34,12 @@ class BrokenCore:
     def __init__(self, core: Any) -> None:
         self._core = core
 
-    def poll_transmit(self, now: float) -> None:
-        raise ValueError("reserved stream is missing")
+    failing = "poll_transmit"
+
+    def poll_transmit(self, now: float) -> Any:
+        if self.failing == "poll_transmit":
+            raise ValueError("reserved stream is missing")
+        return self._core.poll_transmit(now)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._core, name)
@@ -47,8 +51,9 @@ def query(name: str) -> tuple[bytes, wire.Question]:
     return rewrite.upstream_query(data, question, pad_block=128), question
 
 
+@pytest.mark.parametrize("failing", ["poll_transmit", "receive"])
 async def test_a_failed_core_ends_the_connection_and_the_query_fails_over(
-    upstream: DoqTestUpstream, certs: Certs
+    upstream: DoqTestUpstream, certs: Certs, failing: str
 ) -> None:
     url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
     configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file, quic_engine="qh3")
@@ -57,7 +62,15 @@ async def test_a_failed_core_ends_the_connection_and_the_query_fails_over(
         assert dns.message.from_wire(await pool.query(*query("n1.test."))).answer
         [first] = pool.connections
         quic = first.session.quic  # type: ignore[attr-defined]
-        quic._core = BrokenCore(quic._core)
+        broken = BrokenCore(quic._core)
+        broken.failing = failing
+        quic._core = broken
+        if failing == "receive":  # the answer's datagram is what the core chokes on
+
+            def receive(*args: Any, **kwargs: Any) -> None:
+                raise ValueError("reserved stream is missing")
+
+            quic.receive_datagram = receive
         async with asyncio.timeout(3):  # the query timeout is 5 s
             answer = await pool.query(*query("n2.test."))
         assert dns.message.from_wire(answer).answer

@@ -42,6 +42,7 @@ _early_sighups: list[int] = []
 def hold_early_sighup() -> None:
     """Keep a SIGHUP that arrives before the forwarder is up (its default action
     ends the process) and apply it as a reload once it is: :meth:`Operations.start`."""
+    _early_sighups.clear()  # one start-up's signal is not another's (in-process runs)
     if threading.current_thread() is threading.main_thread():  # signals go there only
         signal.signal(signal.SIGHUP, lambda signum, frame: _early_sighups.append(signum))
 

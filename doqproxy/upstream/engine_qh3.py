@@ -95,7 +95,11 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         now = self._loop.time()
         core = quic._core
         lost = 0 if core is None else core.loss_total
-        quic.receive_datagram(cast(bytes, data), addr, now=now)
+        try:
+            quic.receive_datagram(cast(bytes, data), addr, now=now)
+        except (ValueError, QuicConnectionError) as exc:
+            self._fail(str(exc))  # as in transmit(): the core cannot go on
+            return
         self._process_events()
         if not quic._handshake_confirmed:
             self.transmit()  # the handshake's next flight leaves at once
@@ -114,6 +118,14 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     def _transmit_soon(self) -> None:
         if self._transmit_task is None:
             self._transmit_task = self._loop.call_soon(self.transmit)
+
+    def _handle_timer(self) -> None:
+        if self.failed:
+            return
+        try:
+            super()._handle_timer()
+        except (ValueError, QuicConnectionError) as exc:
+            self._fail(str(exc))
 
     def transmit(self) -> None:
         flush = self._ack_flush
