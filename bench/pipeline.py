@@ -1,4 +1,6 @@
-"""doqproxy's own Python per cache miss, with no QUIC engine and no sockets.
+"""doqproxy's own Python per miss with the cache off (as the engines case runs
+``forward --no-cache``), with no QUIC engine and no sockets. With the cache on, a miss
+also goes through the coalescer (a task of its own) and the cache store.
 
 The real pipeline (Resolver → UpstreamGroup → DoqUpstream pool → DoqConnection) runs
 on the real event loop, but the engine session under the connection is scripted:
