@@ -27,7 +27,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 test: venv debian-tools lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
 	$(MAKE) --no-print-directory test-engines
 
 # The upstream-side end-to-end tests once more on the other QUIC engine (the suite
