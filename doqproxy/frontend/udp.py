@@ -20,8 +20,59 @@ from doqproxy.resolver import Resolver
 log = logging.getLogger(__name__)
 
 
-class UdpFrontEnd(asyncio.DatagramProtocol):
-    """Answers DNS over UDP; replies are truncated to the client's payload size."""
+class UdpAnswers:
+    """The per-datagram rules of DNS over UDP, shared by both ways of reading a socket
+    (:class:`UdpFrontEnd` and :class:`~doqproxy.frontend.udp_drain.DrainedUdpFront`):
+    admission on the way in and out, cache hits answered at once, misses in a task.
+    Replies go out through :meth:`send`."""
+
+    resolver: Resolver
+    inflight: InFlight
+    admission: Admission
+    accepting: bool
+
+    def send(self, reply: bytes, addr: Any) -> None:
+        raise NotImplementedError
+
+    def receive(self, data: bytes, addr: Any) -> None:
+        """Handle one datagram from ``addr``."""
+        if not self.accepting:
+            return
+        admission = self.admission
+        # Fast lane: for a client no per-client rule applies to (loopback, no rate
+        # limit), the reflection and ANY checks are all of admission; anyone else
+        # takes the full checks.
+        client = admission.trusted.get(addr[0])
+        if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
+            verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())
+            if verdict is not None:
+                if verdict:
+                    self.send(verdict, addr)
+                return
+            client = admission.client(addr[0])
+        # A cache hit is answered right here, without the cost of a task.
+        reply = self.resolver.cached_reply(data, udp=True, client=addr)
+        if reply is None:
+            reply = admission.overloaded(data, len(self.inflight))
+            if reply is None:
+                self.inflight.spawn(self._answer(data, addr, client))
+                return
+        reply = admission.udp_reply(reply, client, time.monotonic())
+        if reply:
+            self.send(reply, addr)
+
+    async def _answer(self, data: bytes, addr: Any, client: Client) -> None:
+        reply = await self.resolver.resolve(data, udp=True, client=addr, cache_checked=True)
+        if reply is None:
+            return
+        reply = self.admission.udp_reply(reply, client, time.monotonic())
+        if reply:
+            self.send(reply, addr)
+
+
+class UdpFrontEnd(UdpAnswers, asyncio.DatagramProtocol):
+    """Answers DNS over UDP with one protocol callback per datagram; replies are
+    truncated to the client's payload size."""
 
     def __init__(self, resolver: Resolver, inflight: InFlight, admission: Admission) -> None:
         self.resolver = resolver
@@ -33,39 +84,11 @@ class UdpFrontEnd(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        if not self.accepting:
-            return
-        admission = self.admission
-        # Fast lane: for a client no per-client rule applies to (loopback, no rate
-        # limit), the reflection and ANY checks are all of admission; anyone else
-        # takes the full checks.
-        client = admission.trusted.get(addr[0])
-        if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
-            verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())
-            if verdict is not None:
-                if verdict and self.transport is not None:
-                    self.transport.sendto(verdict, addr)
-                return
-            client = admission.client(addr[0])
-        # A cache hit is answered right here, without the cost of a task.
-        reply = self.resolver.cached_reply(data, udp=True, client=addr)
-        if reply is None:
-            reply = admission.overloaded(data, len(self.inflight))
-            if reply is None:
-                self.inflight.spawn(self._answer(data, addr, client))
-                return
-        reply = admission.udp_reply(reply, client, time.monotonic())
-        if reply and self.transport is not None:
-            self.transport.sendto(reply, addr)
+    datagram_received = UdpAnswers.receive
 
-    async def _answer(self, data: bytes, addr: Any, client: Client) -> None:
-        reply = await self.resolver.resolve(data, udp=True, client=addr, cache_checked=True)
+    def send(self, reply: bytes, addr: Any) -> None:
         transport = self.transport
-        if reply is None or transport is None or transport.is_closing():
-            return
-        reply = self.admission.udp_reply(reply, client, time.monotonic())
-        if reply:
+        if transport is not None and not transport.is_closing():
             transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:

@@ -1,11 +1,11 @@
 """DNS over UDP read straight off the socket: one event-loop callback drains it.
 
-The same rules as :class:`~doqproxy.frontend.udp.UdpFrontEnd` (admission on
-the way in and out, cache hits answered synchronously, misses in a task), but
-instead of one protocol callback per datagram, a reader callback calls
-``recvfrom`` until the socket is empty or a per-callback budget is spent, and
-replies go out with ``sendto`` on the socket itself. A reply the kernel will
-not take now waits in a bounded queue flushed when the socket is writable.
+The same rules as :class:`~doqproxy.frontend.udp.UdpFrontEnd` (both are
+:class:`~doqproxy.frontend.udp.UdpAnswers`), but instead of one protocol callback
+per datagram, a reader callback calls ``recvfrom`` until the socket is empty or a
+per-callback budget is spent, and replies go out with ``sendto`` on the socket
+itself. A reply the kernel will not take now waits in a bounded queue flushed when
+the socket is writable.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import errno
 import logging
 import socket
 import sys
-import time
 from typing import Any
 
-from doqproxy.frontend.access import REFLECTION_PORTS
-from doqproxy.frontend.admission import ANY_QUESTION_TAIL, Admission, Client
+from doqproxy.frontend.admission import Admission
 from doqproxy.frontend.inflight import InFlight
+from doqproxy.frontend.udp import UdpAnswers
 from doqproxy.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def quiet_icmp_errors(sock: socket.socket) -> None:
             sock.setsockopt(level, option, 0)
 
 
-class DrainedUdpFront:
+class DrainedUdpFront(UdpAnswers):
     """Answers DNS over UDP on ``sock`` with a reader callback (see the module doc)."""
 
     def __init__(
@@ -135,10 +134,7 @@ class DrainedUdpFront:
 
     def _readable(self) -> None:
         recvfrom = self.sock.recvfrom
-        admission = self.admission
-        trusted = admission.trusted
-        cached_reply = self.resolver.cached_reply
-        send = self._send
+        receive = self.receive
         self.reads += 1
         for _ in range(self.budget):
             try:
@@ -151,36 +147,11 @@ class DrainedUdpFront:
                 self.recv_errors += 1
                 log.debug("UDP error: %s", exc)
                 continue
-            if not self.accepting:
-                continue
-            # Fast lane, as in UdpFrontEnd.datagram_received.
-            client = trusted.get(addr[0])
-            if client is None or addr[1] in REFLECTION_PORTS or ANY_QUESTION_TAIL in data:
-                verdict = admission.udp_query(data, addr[0], addr[1], time.monotonic())
-                if verdict is not None:
-                    if verdict:
-                        send(verdict, addr)
-                    continue
-                client = admission.client(addr[0])
-            reply = cached_reply(data, udp=True, client=addr)
-            if reply is None:
-                reply = admission.overloaded(data, len(self.inflight))
-                if reply is None:
-                    self.inflight.spawn(self._answer(data, addr, client))
-                    continue
-            reply = admission.udp_reply(reply, client, time.monotonic())
-            if reply:
-                send(reply, addr)
+            receive(data, addr)
 
-    async def _answer(self, data: bytes, addr: Any, client: Client) -> None:
-        reply = await self.resolver.resolve(data, udp=True, client=addr, cache_checked=True)
-        if reply is None or self.closed:
+    def send(self, reply: bytes, addr: Any) -> None:
+        if self.closed:
             return
-        reply = self.admission.udp_reply(reply, client, time.monotonic())
-        if reply:
-            self._send(reply, addr)
-
-    def _send(self, reply: bytes, addr: Any) -> None:
         if self.queued:  # keep the order: behind what is already waiting
             self._queue(reply, addr)
             return
