@@ -31,13 +31,12 @@ the same instant and spin until the clock ticked."""
 class Deadline:
     """One task's deadline; :meth:`Deadlines.start` makes them."""
 
-    __slots__ = ("_cancelling", "_owner", "fired", "task", "when")
+    __slots__ = ("_cancelling", "_owner", "fired", "task")
 
     def __init__(
-        self, owner: Deadlines, when: float, task: asyncio.Task[object] | None, cancelling: int
+        self, owner: Deadlines, task: asyncio.Task[object] | None, cancelling: int
     ) -> None:
         self._owner = owner
-        self.when = when
         self.task = task
         self.fired = False
         self._cancelling = cancelling
@@ -86,7 +85,7 @@ class Deadlines:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         when = loop.time() + seconds
-        deadline = Deadline(self, when, task, task.cancelling() if task is not None else 0)
+        deadline = Deadline(self, task, task.cancelling() if task is not None else 0)
         heap = self._heap
         if len(heap) > COMPACT_AT and len(heap) > 4 * self.live:
             # Mostly entries of work that ended long before its deadline: drop them.

@@ -127,11 +127,14 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         except (ValueError, QuicConnectionError) as exc:
             self._fail(str(exc))
 
-    def transmit(self) -> None:
+    def _cancel_ack_flush(self) -> None:
         flush = self._ack_flush
         if flush is not None:
             self._ack_flush = None
             flush.cancel()
+
+    def transmit(self) -> None:
+        self._cancel_ack_flush()
         if self.failed:
             return
         try:
@@ -163,10 +166,7 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
-        flush = self._ack_flush
-        if flush is not None:
-            self._ack_flush = None
-            flush.cancel()
+        self._cancel_ack_flush()
         super().connection_lost(exc)
 
     def error_received(self, exc: Exception) -> None:
