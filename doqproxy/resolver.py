@@ -232,7 +232,8 @@ class Resolver:
         """Ask the upstream and, with a cache, keep the answer. Never raises for
         upstream trouble: the outcome is shared by every waiter."""
         message = rewrite.upstream_query(data, question, pad_block=self.upstream.pad_block)
-        deadline = self._deadlines.start(self.timeout)  # asyncio.timeout's work, cheaper
+        timeout = self.timeout  # a reload may change it while this query waits
+        deadline = self._deadlines.start(timeout)  # asyncio.timeout's work, cheaper
         try:
             try:
                 response = await self.upstream.query(message, question)
@@ -244,7 +245,7 @@ class Resolver:
                 deadline.done()
             parsed = rewrite.check_response(response, question)
         except TimeoutError:
-            reason = f"{self.upstream.name}: no answer within {self.timeout:g}s"
+            reason = f"{self.upstream.name}: no answer within {timeout:g}s"
             return Failure(reason, Ede.NO_REACHABLE_AUTHORITY)
         except UpstreamError as exc:
             return Failure(f"{self.upstream.name}: {exc}", exc.ede)
