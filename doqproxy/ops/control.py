@@ -224,7 +224,16 @@ class Operations:
         task.add_done_callback(self._tasks.discard)
 
     def stopping(self) -> None:
+        """Shutting down: say so, and stop reloading. SIGHUP and SIGUSR1 are ignored
+        from now on, since their default action (once the loop drops its handlers)
+        would end the process mid-shutdown with status 129 or 138."""
         self.notifier.stopping()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
 
     async def close(self) -> None:
         for task in list(self._tasks):
