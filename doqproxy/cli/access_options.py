@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from doqproxy.cli.types import FiniteFloatRange
 from doqproxy.frontend.access import AccessError, parse_allow
 from doqproxy.frontend.admission import AccessSettings
 from doqproxy.frontend.tcp import TcpLimits
@@ -55,7 +56,7 @@ def access_options(command: F) -> F:
         ),
         click.option(
             "--ratelimit",
-            type=click.FloatRange(min=0),
+            type=FiniteFloatRange(min=0),
             default=None,
             metavar="QPS",
             help="UDP queries a second per client prefix; 0: off. Default: 100 when a listen "
@@ -84,7 +85,7 @@ def access_options(command: F) -> F:
         ),
         click.option(
             "--ratelimit-errors",
-            type=click.FloatRange(min=0, min_open=True),
+            type=FiniteFloatRange(min=0, min_open=True),
             default=None,
             metavar="QPS",
             help="Error replies (FORMERR, REFUSED, SERVFAIL...) a second per client prefix "
@@ -119,7 +120,7 @@ def access_options(command: F) -> F:
         ),
         click.option(
             "--tcp-max-connection-age",
-            type=click.FloatRange(min=1),
+            type=FiniteFloatRange(min=1),
             default=_TCP.max_age,
             show_default=True,
             help="Seconds a client TCP connection may live.",

@@ -20,6 +20,7 @@ from doqproxy.cli.route_options import (
     upstream_names,
     with_stamp_addresses,
 )
+from doqproxy.cli.types import FiniteFloatRange
 from doqproxy.cli.upstream_options import upstream_options, upstream_settings
 from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import AddressError, parse_listen
@@ -59,7 +60,7 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=5.0,
     show_default=True,
     help="Seconds before an unanswered query gets SERVFAIL.",
@@ -83,14 +84,14 @@ from doqproxy.upstream.tickets import StateDirError, check_state_dir
 )
 @click.option(
     "--tcp-idle-timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=10.0,
     show_default=True,
     help="Seconds an idle client TCP connection is kept open.",
 )
 @click.option(
     "--tcp-message-timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=5.0,
     show_default=True,
     help="Seconds a client may take to send one whole TCP message.",

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import click
 
+from doqproxy.cli.types import FiniteFloatRange
 from doqproxy.upstream import engine
 from doqproxy.upstream.pool import PoolSettings
 from doqproxy.upstream.tickets import default_state_dir
@@ -56,21 +57,21 @@ def pool_options(command: F) -> F:
         ),
         click.option(
             "--upstream-idle-timeout",
-            type=click.FloatRange(min=3.0),
+            type=FiniteFloatRange(min=3.0),
             default=_DEFAULTS.idle_timeout,
             show_default=True,
             help="QUIC idle timeout; idle connections are closed cleanly just before it.",
         ),
         click.option(
             "--keepalive",
-            type=click.FloatRange(min=1.0),
+            type=FiniteFloatRange(min=1.0),
             default=None,
             metavar="SECONDS",
             help="PING idle connections this often to keep them open (off by default).",
         ),
         click.option(
             "--max-connection-age",
-            type=click.FloatRange(min=1.0),
+            type=FiniteFloatRange(min=1.0),
             default=None,
             metavar="SECONDS",
             help="Retire connections this old: no new queries, closed once idle (off by default).",

@@ -13,6 +13,7 @@ import dns.message
 import dns.rcode
 
 from doqproxy.cli.forward import check_ca_file
+from doqproxy.cli.types import FiniteFloatRange
 from doqproxy.net.addresses import AddressError, UpstreamUrl
 from doqproxy.net.stamps import StampError
 from doqproxy.ops import process
@@ -48,7 +49,7 @@ from doqproxy.upstream.targets import parse_target
 @click.option("--dnssec", is_flag=True, help="Set the DO bit.")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=5.0,
     show_default=True,
     help="Seconds before giving up.",

@@ -9,6 +9,7 @@ import socket
 
 import click
 
+from doqproxy.cli.types import FiniteFloatRange
 from doqproxy.dns import wire
 from doqproxy.doq.admission import AdmissionLimits
 from doqproxy.doq.framing import DEFAULT_PORT
@@ -84,7 +85,7 @@ ENV_PREFIX = "DOQPROXY_SERVE"
 @click.option("--origin", metavar="NAME", help="Zone origin, if the file has no $ORIGIN.")
 @click.option(
     "--idle-timeout",
-    type=click.FloatRange(min=1),
+    type=FiniteFloatRange(min=1),
     default=30.0,
     show_default=True,
     help="Seconds before an idle connection is closed.",
@@ -112,7 +113,7 @@ ENV_PREFIX = "DOQPROXY_SERVE"
 )
 @click.option(
     "--handshake-timeout",
-    type=click.FloatRange(min=0.5),
+    type=FiniteFloatRange(min=0.5),
     default=5.0,
     show_default=True,
     help="Seconds a new connection has to complete its handshake.",
@@ -160,21 +161,21 @@ ENV_PREFIX = "DOQPROXY_SERVE"
 )
 @click.option(
     "--ticket-lifetime",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=86400.0,
     show_default=True,
     help="Seconds a session ticket (resumption, 0-RTT) stays valid; 0 turns tickets off.",
 )
 @click.option(
     "--stream-timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=5.0,
     show_default=True,
     help="Seconds a query has to arrive on its stream before the stream is reset.",
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=5.0,
     show_default=True,
     help="Seconds to wait for the upstream's answer before SERVFAIL.",

@@ -14,6 +14,7 @@ from types import FrameType
 import click
 
 from doqproxy.cli import config
+from doqproxy.cli.types import FiniteFloatRange
 from doqproxy.top import model, scrape
 from doqproxy.top import text as plain
 
@@ -43,7 +44,7 @@ FETCH_TIMEOUT = 3.0
     "--interval",
     envvar="DOQPROXY_TOP_INTERVAL",
     show_envvar=True,
-    type=click.FloatRange(min=0.2, max=60),
+    type=FiniteFloatRange(min=0.2, max=60),
     default=1.0,
     show_default=True,
     help="Seconds between redraws (and between --once's two scrapes).",

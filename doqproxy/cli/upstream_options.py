@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import click
 
+from doqproxy.cli.types import FiniteFloatRange
 from doqproxy.net.addresses import AddressError
 from doqproxy.net.stamps import StampError
 from doqproxy.upstream.selection import SelectionSettings, Strategy
@@ -56,7 +57,7 @@ def upstream_options(command: F) -> F:
         ),
         click.option(
             "--hedge-delay-min",
-            type=click.FloatRange(min=0.001, max=10.0),
+            type=FiniteFloatRange(min=0.001, max=10.0),
             default=_DEFAULTS.hedge_min,
             show_default=True,
             metavar="SECONDS",
@@ -65,7 +66,7 @@ def upstream_options(command: F) -> F:
         ),
         click.option(
             "--hedge-delay-max",
-            type=click.FloatRange(min=0.001, max=10.0),
+            type=FiniteFloatRange(min=0.001, max=10.0),
             default=_DEFAULTS.hedge_max,
             show_default=True,
             metavar="SECONDS",
