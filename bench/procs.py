@@ -166,7 +166,8 @@ def query(port: int, name: str, timeout: float = 5.0, rdtype: str = "A") -> tupl
         while True:
             data = sock.recv(65535)
             elapsed = (time.perf_counter() - started) * 1000
-            if data[:2] == wire[:2]:
+            # QR set: a socket whose ephemeral port is ``port`` reads its own query.
+            if data[:2] == wire[:2] and len(data) > 2 and data[2] & 0x80:
                 return dns.rcode.to_text(dns.message.from_wire(data).rcode()), elapsed
 
 

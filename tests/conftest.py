@@ -76,6 +76,20 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def tcp_accepting(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP on ``host:port``.
+
+    A connect to a port nobody listens on can pick that same port as its own
+    source and connect to itself (TCP simultaneous open, about one in 14,000
+    tries for an even port on Linux), which would pass for a listener.
+    """
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            return bool(sock.getsockname() != sock.getpeername())
+    except OSError:
+        return False
+
+
 @pytest.fixture
 async def upstream(certs: Certs) -> AsyncIterator[DoqTestUpstream]:
     server = DoqTestUpstream(certs.cert_file, certs.key_file)
@@ -133,11 +147,9 @@ class ProxyProcess(ManagedProcess):
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"doqproxy exited early:\n{self.stderr()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if tcp_accepting(self.port):
+                return
+            time.sleep(0.05)
         raise AssertionError(f"doqproxy did not start listening:\n{self.stderr()}")
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import dns.message
 from prometheus_client.parser import text_string_to_metric_families
 
+from .conftest import tcp_accepting
+
 
 def make_query(name: str, rdtype: str = "A", msg_id: int = 0, **kwargs: object) -> bytes:
     message = dns.message.make_query(name, rdtype, **kwargs)  # type: ignore[arg-type]
@@ -85,6 +87,9 @@ def scrape(
     """Every sample on /metrics, keyed by (name, sorted labels) (blocking)."""
     text = ""
     for _ in range(200):
+        if not tcp_accepting(port, host):
+            time.sleep(0.05)
+            continue
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as reply:
                 text = reply.read().decode()

@@ -14,7 +14,7 @@ import dns.asyncquery
 import dns.message
 import pytest
 
-from .conftest import Certs, ProxyProcess, free_port
+from .conftest import Certs, ProxyProcess, free_port, tcp_accepting
 from .doq_fixture import DoqTestUpstream
 from .dot_fixture import DotTestServer
 from .serve_helpers import PlainDnsServer, rdatas
@@ -35,6 +35,9 @@ async def _ask(port: int, name: str) -> dns.message.Message:
 
 def _metrics(port: int) -> str:
     for _ in range(100):  # the endpoint comes up just after the DNS listeners
+        if not tcp_accepting(port):
+            time.sleep(0.1)
+            continue
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
                 return str(reply.read().decode())

@@ -17,7 +17,7 @@ import dns.message
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Certs, ProxyProcess, free_port
+from .conftest import Certs, ProxyProcess, free_port, tcp_accepting
 from .doq_fixture import DoqTestUpstream
 from .nobody import NobodyPython
 
@@ -39,6 +39,9 @@ async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     def fetch() -> str:
         # The metrics endpoint comes up just after the DNS listeners.
         for _ in range(100):
+            if not tcp_accepting(port):
+                time.sleep(0.05)
+                continue
             try:
                 with urllib.request.urlopen(
                     f"http://127.0.0.1:{port}/metrics", timeout=10

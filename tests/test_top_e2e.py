@@ -28,7 +28,7 @@ from doqproxy.top import scrape
 from doqproxy.top.scrape import ScrapeError
 from doqproxy.upstream import engine
 
-from .conftest import ProxyProcess, doqproxy_command, free_port
+from .conftest import ProxyProcess, doqproxy_command, free_port, tcp_accepting
 from .doq_fixture import DoqTestUpstream
 
 StartProxy = Callable[..., ProxyProcess]
@@ -48,6 +48,9 @@ async def ask(proxy: ProxyProcess, name: str, rdtype: str = "A") -> int:
 def wait_for_metrics(port: int) -> None:
     """The metrics endpoint comes up just after the DNS listeners."""
     for _ in range(200):
+        if not tcp_accepting(port):
+            time.sleep(0.05)
+            continue
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10):
                 return
