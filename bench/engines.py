@@ -91,9 +91,11 @@ def default_engine() -> str:
     return done.stdout.strip()
 
 
-def pipeline(queries: int) -> dict[str, Any]:
+def pipeline(queries: int, *, cache: bool = False) -> dict[str, Any]:
     """:mod:`bench.pipeline` in a fresh process: doqproxy's own Python per miss."""
     argv = [sys.executable, "-m", "bench.pipeline", "--queries", str(queries)]
+    if cache:
+        argv.append("--cache")
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise BenchError(f"pipeline measurement failed: {done.stderr.strip()[-500:]}")

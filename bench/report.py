@@ -341,6 +341,13 @@ def engines_section(results: dict[str, Any]) -> list[str]:
             f"{pipe['in_flight']} in flight, {pipe['event_loop']}): "
             f"**{_fmt(pipe['cpu_us_per_query'])} µs** per query.",
         ]
+    cached = found.get("pipeline_cache")
+    if pipe and cached:
+        out[-1] += (
+            f" With the cache on and every query a different name (`--cache`), a miss also "
+            f"pays for the cache lookup, the coalescer and the store: "
+            f"**{_fmt(cached['cpu_us_per_query'])} µs**."
+        )
     floors = found.get("floor") or []
     if floors:
         out += [

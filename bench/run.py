@@ -319,6 +319,8 @@ class Bench:
         found["default_engine"] = engines.default_engine()
         progress("engines: doqproxy's own Python per miss, scripted engine (bench.pipeline)")
         found["pipeline"] = engines.pipeline(5000 if plan.quick else 50000)
+        progress("engines: the same with the cache on, every query a miss (bench.pipeline --cache)")
+        found["pipeline_cache"] = engines.pipeline(5000 if plan.quick else 50000, cache=True)
         return found
 
     def bare_client(

@@ -98,6 +98,11 @@ def test_bench_quick_mode(tmp_path: Path) -> None:
         assert failover[phase]["queries"] > 0 and _positive(failover[phase]["p99_ms"]), phase
     assert failover["servfail_total"] >= 0 and "Several upstreams" in done.stdout
 
+    engines = results["engines"]
+    for case in ("pipeline", "pipeline_cache"):
+        assert _positive(engines[case]["cpu_us_per_query"]), case
+    assert engines["pipeline_cache"]["cache"] is True
+
     memory = results["memory"]
     assert memory["answers"]["valid"]
     assert _positive(memory["rss_mb"])

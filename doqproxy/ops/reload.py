@@ -1,6 +1,8 @@
 """SIGHUP: re-read the configuration and apply what can change without a restart.
 
-The listeners and the cache stay as they are. The upstream group is rebuilt:
+The listeners, the cache, the state directory, the TCP limits, the metrics
+endpoint, the query log and the user stay as they are (a reload that changes
+them says so, and the next reload compares with what runs). The upstream group is rebuilt:
 an upstream whose URL and TLS, pool and padding settings did not change keeps
 its connection pool (the same object, with its health and counters); a new or
 changed one gets a new pool; one that is gone is closed once the queries on it
@@ -12,6 +14,7 @@ configuration is logged and the old configuration stays in force.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -32,6 +35,37 @@ _UPSTREAM_FIELDS = (
     "selection",
     "timeout",
 )
+
+
+def _in_force(new: ForwardSettings, old: ForwardSettings) -> ForwardSettings:
+    """``new`` with the settings read only at start-up put back to ``old``'s, saying
+    which ones a reload tried to change (so a later reload compares with what runs)."""
+    kept: tuple[tuple[str, object, object], ...] = (
+        ("listen addresses", new.listen, old.listen),
+        ("--udp-reader", new.udp_reader, old.udp_reader),
+        ("the --tcp-* limits", new.tcp, old.tcp),
+        ("--state-dir", new.state_dir, old.state_dir),
+        ("--metrics-listen", new.ops.metrics_listen, old.ops.metrics_listen),
+        ("--query-log", new.ops.query_log, old.ops.query_log),
+        ("--user", new.ops.user, old.ops.user),
+    )
+    for what, wanted, running in kept:
+        if wanted != running:
+            log.warning("reload: %s cannot change without a restart; keeping the old", what)
+    ops = dataclasses.replace(
+        new.ops,
+        metrics_listen=old.ops.metrics_listen,
+        query_log=old.ops.query_log,
+        user=old.ops.user,
+    )
+    return dataclasses.replace(
+        new,
+        listen=old.listen,
+        udp_reader=old.udp_reader,
+        tcp=old.tcp,
+        state_dir=old.state_dir,
+        ops=ops,
+    )
 
 
 def _lookup_inputs(settings: ForwardSettings) -> tuple[object, ...]:
@@ -87,10 +121,7 @@ class Reloader:
         except Exception as exc:  # whatever the loader raises, the old config stays
             log.error("reload failed, keeping the old configuration: %s", exc)
             return False
-        if new.listen != old.listen:
-            log.warning("reload: listen addresses cannot change without a restart; keeping them")
-        if new.udp_reader != old.udp_reader:
-            log.warning("reload: --udp-reader cannot change without a restart; keeping it")
+        new = _in_force(new, old)
         cache = self.resolver.cache
         if new.cache != old.cache:
             if cache is None or not new.cache.enabled:
