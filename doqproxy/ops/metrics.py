@@ -35,7 +35,9 @@ from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
 from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
+from doqproxy.routing.build import reachable
 from doqproxy.upstream import engine
+from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.group import Member, UpstreamGroup
 from doqproxy.upstream.health import Reason, State
 from doqproxy.upstream.pool import DoqUpstream
@@ -123,11 +125,11 @@ class ForwardCollector(Collector):
         yield started
         yield from self._queries()
         yield from self._cache(self.sources.resolver().cache)
-        group = self.sources.upstream()
-        yield from self._members(group)
-        for member in group.members:
-            if isinstance(member.upstream, DoqUpstream):
-                yield from self._pool(member.upstream)
+        members, leaves = self._upstreams()
+        yield from self._members(members)
+        for upstream in leaves:
+            if isinstance(upstream, DoqUpstream):
+                yield from self._pool(upstream)
         yield from self._latency()
         yield from self._fallbacks()
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
@@ -302,9 +304,19 @@ class ForwardCollector(Collector):
         streams.add_metric(label, sum(conn.in_flight for conn in connections))
         yield streams
 
-    def _members(self, group: UpstreamGroup) -> Iterator[Metric]:
-        """What the group knows per upstream: traffic, health, hedging."""
-        members = group.members
+    def _upstreams(self) -> tuple[list[Member], list[Upstream]]:
+        """The -u group's members, then those of the routes' groups; the single
+        upstreams behind them all (routes and fallbacks included), once per name."""
+        group = self.sources.upstream()
+        found = [m.upstream for m in group.members]
+        members, leaves = reachable(self.sources.resolver().upstream)
+        named = {m.name for m in group.members}
+        members = [*group.members, *(m for m in members if m.name not in named)]
+        names = {u.name for u in found}
+        return members, [*found, *(u for u in leaves if u.name not in names)]
+
+    def _members(self, members: list[Member]) -> Iterator[Metric]:
+        """What each group knows per upstream: traffic, health, hedging."""
         rows: tuple[tuple[str, str, Callable[[Member], int]], ...] = (
             ("queries_sent", "Queries sent to the upstream (hedges and side trips included).",
              lambda m: m.stats.queries_sent),

@@ -148,3 +148,28 @@ def fallbacks_of(upstream: Upstream) -> list[FallbackUpstream]:
         elif isinstance(candidate, Router):
             found += [u for u in candidate.upstreams() if isinstance(u, FallbackUpstream)]
     return list({id(f): f for f in found}.values())
+
+
+def reachable(upstream: Upstream) -> tuple[list[Member], list[Upstream]]:
+    """Every group member and every single upstream the resolver's upstream can ask,
+    routes and fallbacks included, each once and the first of a name only (metrics)."""
+    members: dict[str, Member] = {}
+    leaves: dict[str, Upstream] = {}
+    pending: list[Upstream] = [upstream]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Router):
+            pending += node.upstreams()
+        elif isinstance(node, FallbackUpstream):
+            pending += [node.primary, *node.fallbacks]
+        elif isinstance(node, UpstreamGroup):
+            for member in node.members:
+                members.setdefault(member.name, member)
+                pending.append(member.upstream)
+        else:
+            leaves.setdefault(node.name, node)
+    return list(members.values()), list(leaves.values())
