@@ -53,7 +53,8 @@ async def test_route_upstreams_have_metrics(
             "--route", f"same.test=quic://127.0.0.1:{upstream.port}",
             "--metrics-listen", f"127.0.0.1:{metrics}",
         )  # fmt: skip
-        for name in ("a.test", "x.solo.test", "y.same.test", *(f"n{i}.pair.test" for i in range(6))):
+        names = ["a.test", "x.solo.test", "y.same.test", *(f"n{i}.pair.test" for i in range(6))]
+        for name in names:
             await _ask(proxy.port, name)
         samples = await asyncio.to_thread(scrape, metrics)
 
