@@ -40,7 +40,7 @@ from doqproxy.upstream import engine
 from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.group import Member, UpstreamGroup
 from doqproxy.upstream.health import Reason, State
-from doqproxy.upstream.pool import DoqUpstream
+from doqproxy.upstream.pool import DoqUpstream, PoolStats
 
 _DOQ_CODES = {
     0x0: "NO_ERROR",
@@ -127,9 +127,7 @@ class ForwardCollector(Collector):
         yield from self._cache(self.sources.resolver().cache)
         members, leaves = self._upstreams()
         yield from self._members(members)
-        for upstream in leaves:
-            if isinstance(upstream, DoqUpstream):
-                yield from self._pool(upstream)
+        yield from self._pools([u for u in leaves if isinstance(u, DoqUpstream)])
         yield from self._latency()
         yield from self._fallbacks()
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
@@ -258,51 +256,46 @@ class ForwardCollector(Collector):
         entries.add_metric([], len(cache))
         yield entries
 
-    def _pool(self, upstream: DoqUpstream) -> Iterator[Metric]:
-        stats = upstream.stats
-        label = [upstream.name]
-        yield from counters(
-            "doqproxy_upstream",
-            (
-                ("connections_opened", stats.connections_opened, "QUIC connections opened."),
-                ("handshakes", stats.handshakes, "Completed QUIC handshakes."),
-                ("sessions_resumed", stats.sessions_resumed, "Handshakes that resumed a session."),
-                (
-                    "early_data_attempted",
-                    stats.early_data_sent,
-                    "Connections that sent 0-RTT data.",
-                ),
-                (
-                    "early_data_accepted",
-                    stats.early_data_accepted,
-                    "0-RTT data the server accepted.",
-                ),
-                ("retries", stats.retries, "Queries retried on a fresh connection."),
-                ("connect_failures", stats.connect_failures, "Connections that never came up."),
-            ),
-            ("upstream", upstream.name),
-        )
+    def _pools(self, upstreams: list[DoqUpstream]) -> Iterator[Metric]:
+        """The connection pools, each metric family once with a sample per upstream
+        (a family repeated per upstream is not a valid exposition)."""
+        rows: tuple[tuple[str, str, Callable[[PoolStats], int]], ...] = (
+            ("connections_opened", "QUIC connections opened.", lambda s: s.connections_opened),
+            ("handshakes", "Completed QUIC handshakes.", lambda s: s.handshakes),
+            ("sessions_resumed", "Handshakes that resumed a session.",
+             lambda s: s.sessions_resumed),
+            ("early_data_attempted", "Connections that sent 0-RTT data.",
+             lambda s: s.early_data_sent),
+            ("early_data_accepted", "0-RTT data the server accepted.",
+             lambda s: s.early_data_accepted),
+            ("retries", "Queries retried on a fresh connection.", lambda s: s.retries),
+            ("connect_failures", "Connections that never came up.", lambda s: s.connect_failures),
+        )  # fmt: skip
+        for name, text, value in rows:
+            family = CounterMetricFamily(f"doqproxy_upstream_{name}", text, labels=["upstream"])
+            for upstream in upstreams:
+                family.add_metric([upstream.name], value(upstream.stats))
+            yield family
         closes = CounterMetricFamily(
             "doqproxy_upstream_connection_closes",
             "Upstream connections closed, by error code (DoQ names; QUIC/TLS codes in hex).",
             labels=["upstream", "code"],
         )
-        for code, count in dict(stats.closes_by_code).items():
-            closes.add_metric([upstream.name, close_code_label(code)], count)
-        yield closes
-        connections = upstream.connections
         pool = GaugeMetricFamily(
             "doqproxy_upstream_connections", "Open upstream connections.", labels=["upstream"]
         )
-        pool.add_metric(label, len(connections))
-        yield pool
         streams = GaugeMetricFamily(
             "doqproxy_upstream_streams_in_flight",
             "Queries waiting on upstream streams.",
             labels=["upstream"],
         )
-        streams.add_metric(label, sum(conn.in_flight for conn in connections))
-        yield streams
+        for upstream in upstreams:
+            for code, count in dict(upstream.stats.closes_by_code).items():
+                closes.add_metric([upstream.name, close_code_label(code)], count)
+            connections = upstream.connections
+            pool.add_metric([upstream.name], len(connections))
+            streams.add_metric([upstream.name], sum(conn.in_flight for conn in connections))
+        yield from (closes, pool, streams)
 
     def _upstreams(self) -> tuple[list[Member], list[Upstream]]:
         """The -u group's members, then those of the routes' groups; the single
