@@ -63,3 +63,40 @@ async def test_each_upstream_family_once(
     finally:
         for server in servers:
             await server.stop()
+
+
+def _sum(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> float:
+    return sum(value for (metric, _), value in samples.items() if metric == name)
+
+
+async def test_an_upstream_named_twice_counts_all_its_traffic(
+    upstream: DoqTestUpstream, start_proxy: object, certs: Certs
+) -> None:
+    """A route to the -u upstreams gets pools and a group of its own with the same names.
+    Before, /metrics showed the first of a name only: the route's queries and
+    handshakes were on no series at all (the servers saw more than /metrics said)."""
+    other = DoqTestUpstream(certs.cert_file, certs.key_file)
+    await other.start()
+    first, second = (f"quic://127.0.0.1:{s.port}" for s in (upstream, other))
+    try:
+        metrics = free_port()
+        proxy: ProxyProcess = start_proxy(  # type: ignore[operator]
+            upstream.port,
+            "-u", second,
+            "--route", f"pair.test={first},{second}",
+            "--route", f"same.test={first}",
+            "--metrics-listen", f"127.0.0.1:{metrics}",
+        )  # fmt: skip
+        names = [f"n{i}.test" for i in range(4)] + [f"n{i}.pair.test" for i in range(4)]
+        for name in [*names, "x.same.test", "y.same.test"]:
+            await _ask(proxy.port, name)
+        samples = await asyncio.to_thread(scrape, metrics)
+
+        seen = len(upstream.state.seen) + len(other.state.seen)
+        assert seen >= 10
+        assert _sum(samples, "doqproxy_upstream_queries_sent_total") >= seen
+        handshakes = upstream.state.handshakes + other.state.handshakes
+        assert handshakes >= 3  # -u's pools and the routes' (one per URL, shared)
+        assert _sum(samples, "doqproxy_upstream_handshakes_total") >= handshakes
+    finally:
+        await other.stop()
