@@ -152,9 +152,9 @@ def fallbacks_of(upstream: Upstream) -> list[FallbackUpstream]:
 
 def reachable(upstream: Upstream) -> tuple[list[Member], list[Upstream]]:
     """Every group member and every single upstream the resolver's upstream can ask,
-    routes and fallbacks included, each once and the first of a name only (metrics)."""
-    members: dict[str, Member] = {}
-    leaves: dict[str, Upstream] = {}
+    routes and fallbacks included, each once (metrics add up those of one name)."""
+    members: dict[int, Member] = {}
+    leaves: dict[int, Upstream] = {}
     pending: list[Upstream] = [upstream]
     seen: set[int] = set()
     while pending:
@@ -168,8 +168,8 @@ def reachable(upstream: Upstream) -> tuple[list[Member], list[Upstream]]:
             pending += [node.primary, *node.fallbacks]
         elif isinstance(node, UpstreamGroup):
             for member in node.members:
-                members.setdefault(member.name, member)
+                members.setdefault(id(member), member)
                 pending.append(member.upstream)
         else:
-            leaves.setdefault(node.name, node)
+            leaves[id(node)] = node
     return list(members.values()), list(leaves.values())
