@@ -89,6 +89,7 @@ class Operations:
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics_address: tuple[str, int] | None = None
+        self._stopping = False
 
     @property
     def observing(self) -> bool:
@@ -198,6 +199,8 @@ class Operations:
             query_log.flush()
 
     def _sighup(self) -> None:
+        if self._stopping:  # a held SIGHUP scheduled by start(), after a stop that came first
+            return
         log.warning("SIGHUP: reloading the configuration")
         self.notifier.reloading()
         query_log = self.observations.query_log
@@ -224,6 +227,7 @@ class Operations:
         """Shutting down: say so, and stop reloading. SIGHUP and SIGUSR1 are ignored
         from now on, since their default action (once the loop drops its handlers)
         would end the process mid-shutdown with status 129 or 138."""
+        self._stopping = True
         self.notifier.stopping()
         if threading.current_thread() is not threading.main_thread():
             return
