@@ -28,7 +28,7 @@ from aioquic.quic.connection import QuicConnection as ServerConnection
 from aioquic.quic.packet import pull_quic_header
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 
 CLIENT = ("127.0.0.1", 40000)
 SERVER = ("127.0.0.1", 853)
@@ -42,7 +42,7 @@ class Outcome:
     """How one run ended."""
 
     error: str | None
-    """The client's ValueError, if its core failed."""
+    """The client's error (ValueError or QuicConnectionError), if its core failed."""
     answered: int
     finished_at: float
     """Virtual seconds."""
@@ -145,13 +145,14 @@ def run(
                     ):
                         answered.add(client_event.stream_id)
                 if connected:
-                    limit = int(client._core.stream_limits[0])
+                    core = getattr(client, "_core", None)  # qh3 1.x has none
+                    limit = 128 if core is None else int(core.stream_limits[0])
                     while opened < queries and opened < limit:
                         stream_id = client.get_next_available_stream_id()
                         client.send_stream_data(stream_id, QUERY, end_stream=True)
                         opened += 1
                 client_send(now)
-    except ValueError as exc:
+    except (ValueError, QuicConnectionError) as exc:
         return Outcome(str(exc), len(answered), now)
     return Outcome(None, len(answered), now)
 
