@@ -58,6 +58,7 @@ def run(
     stall_chance: float = 0.1,
     stall: float = 0.2,
     horizon: float = 60.0,
+    max_events: int = 200_000,
 ) -> Outcome:
     """One connection, ``queries`` queries; ``certs`` = (CA file, certificate, key)."""
     rnd = random.Random(seed)
@@ -106,6 +107,8 @@ def run(
         client.connect(SERVER, now=now)
         client_send(now)
         while queue and len(answered) < queries and now < horizon:
+            if sequence > max_events:
+                return Outcome(f"stuck: {max_events} events by {now:.3f} s", len(answered), now)
             now, _, kind, data = heapq.heappop(queue)
             if kind == "to_server":
                 if now < server_busy_until:
@@ -146,7 +149,10 @@ def run(
                         answered.add(client_event.stream_id)
                 if connected:
                     core = getattr(client, "_core", None)  # qh3 1.x has none
-                    limit = 128 if core is None else int(core.stream_limits[0])
+                    if core is None:
+                        limit = int(client._remote_max_streams_bidi)
+                    else:
+                        limit = int(core.stream_limits[0])
                     while opened < queries and opened < limit:
                         stream_id = client.get_next_available_stream_id()
                         client.send_stream_data(stream_id, QUERY, end_stream=True)
