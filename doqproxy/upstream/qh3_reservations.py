@@ -3,21 +3,24 @@
 qh3 2.1.0's core (``src/quic/connection.rs``) takes a STREAM frame for sending in two
 steps: it *reserves* the frame and queues it in its packet builder, and *commits*
 the reservation once a packet carrying it is built. Reservations it could not put
-in a packet wait in ``pending_streams`` for the congestion window to open
-(``poll_transmit``, l. 2142-2151); after a PTO it reserves every stream that has
-data to send at once (``queue_probe_stream_actions``). Separately, a stream whose
-both sides are done is removed from the core as soon as the application pops its
-``StreamFinished`` event (``poll_event``, l. 902), which qh3's Python facade does
-after every received datagram and timer (``QuicConnection._drain_core``). When the
-waiting frame is a resend (a PTO probe copy) of data that the peer then ACKs, with
-the answer, the stream is finished and removed while its frame still waits; the
-next packet that carries it fails to commit (``commit_stream_reservation``,
-l. 3137-3170: "reserved stream is missing"), and the packet is lost with the other
-streams' frames in it.
+in a packet wait in ``pending_streams`` while the congestion window is closed
+(``poll_transmit``, l. 2128-2136). After a PTO it reserves every stream that has
+data to send at once (``queue_probe_stream_actions``, l. 2926), resends included.
+Separately, a stream whose both sides are done is removed from the core as soon as
+the application pops its ``StreamFinished`` event (``poll_event``, l. 902-903).
+qh3's Python facade does that after every received datagram and timer
+(``QuicConnection._drain_core``). Suppose the waiting frame is a resend (a PTO probe
+copy) of data that the peer then ACKs, with the answer. The stream is then finished
+and removed while its frame still waits. The next packet that carries the frame
+fails to commit it (``commit_stream_reservation``, l. 3137-3170: "reserved stream
+is missing"). The ``?`` at l. 2194 returns before ``complete_datagram`` (l. 2203),
+so the packet is lost with the other streams' frames in it. qh3 2.0.x fails the
+same way, with "flow-control error: StreamNotFound".
 
-:class:`ReservationSafeConnection` keeps that from happening without changing what
-is sent or when. A reservation outlives ``datagrams_to_send`` only while the window
-is closed (the core builds every reserved frame while it is open). So after the
+:class:`ReservationSafeConnection` keeps that from happening, with congestion control
+intact: it changes only when packets are built and when events are read. A
+reservation outlives ``datagrams_to_send`` only while the window is closed (the
+core builds every reserved frame while it is open). So after the
 core takes a datagram or a timer, and the window was closed at the last send:
 
 1. it builds packets at once, before the core's events are popped, so the frames
