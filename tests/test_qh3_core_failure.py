@@ -92,14 +92,14 @@ async def test_a_core_failing_before_the_handshake_is_retried_on_a_new_connectio
 
     made: list[Any] = []
 
-    class FirstOneBroken(engine_qh3.QuicConnection):  # type: ignore[misc, unused-ignore]
+    class FirstOneBroken(engine_qh3.ReservationSafeConnection):  # type: ignore[misc, unused-ignore]
         def _create_core(self, *args: Any, **kwargs: Any) -> None:
             super()._create_core(*args, **kwargs)
             if not made:  # only the first connection's core fails
                 self._core = BrokenCore(self._core)
             made.append(self)
 
-    monkeypatch.setattr(engine_qh3, "QuicConnection", FirstOneBroken)
+    monkeypatch.setattr(engine_qh3, "ReservationSafeConnection", FirstOneBroken)
     url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
     configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file, quic_engine="qh3")
     pool = DoqUpstream(url, configuration, PoolSettings(quic_engine="qh3"))

@@ -33,6 +33,7 @@ from doqproxy.upstream.engine import (
     SessionClosed,
     SessionOwner,
 )
+from doqproxy.upstream.qh3_reservations import ReservationSafeConnection
 
 NAME = "qh3"
 NAIVE_TICKET_DATES = True
@@ -67,6 +68,7 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     """Moves datagrams between the socket and qh3; events go to the owner."""
 
     owner: SessionOwner
+    _quic: ReservationSafeConnection
     connected: ConnectedTransport | None = None
     received = 0
     _ack_flush: asyncio.TimerHandle | None = None
@@ -110,6 +112,8 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
             self.transmit()  # the handshake's next flight leaves at once
         elif core is not None and core.loss_total != lost:
             self._transmit_soon()  # resend what this ACK showed lost now, not later
+        elif quic.prepared:
+            self._transmit_soon()  # built while the datagram was taken (qh3_reservations)
         elif self._transmit_task is None and self._ack_flush is None:
             # All that is due is the ACK: give a query ACK_DELAY to carry it. Anything
             # that transmits meanwhile (a query, a timer, a cancel) takes it along.
@@ -154,9 +158,10 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         while a resend of its data (after a PTO) waits, already reserved, for the
         congestion window to open. The packet being built is dropped, with the data
         of other streams that the core now counts as sent: those queries never
-        reach the server, although later attempts succeed. So the connection is
-        ended here, at once: its queries fail over (the pool retries them) instead
-        of waiting for their timeout.
+        reach the server. :mod:`qh3_reservations` keeps that state from arising;
+        this is the safety net for any other core failure: the connection is ended
+        here, at once, so its queries fail over (the pool retries them) instead of
+        waiting for their timeout.
         """
         self.failed = True
         timer = self._timer
@@ -192,7 +197,7 @@ class Qh3Session:
     ) -> None:
         self._owner = owner
         self._configuration = configuration
-        self.quic = QuicConnection(
+        self.quic = ReservationSafeConnection(
             configuration=configuration, session_ticket_handler=ticket_handler
         )
         self._protocol: _Protocol | None = None
