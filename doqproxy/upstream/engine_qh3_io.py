@@ -29,9 +29,6 @@ _STREAM_DATA = events.StreamDataReceived
 class LeanProtocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
     """A ``QuicConnectionProtocol`` whose receive, transmit and timer paths are lean."""
 
-    timer_wakeups = 0
-    """How often the connection's timer woke the loop (for tests and benches)."""
-
     def receive(self, data: bytes, addr: Any, now: float) -> None:
         """Give qh3 one datagram from the server (its events are left queued).
 
@@ -110,7 +107,6 @@ class LeanProtocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         self._timer_at = at
 
     def _handle_timer(self) -> None:
-        self.timer_wakeups += 1
         armed = self._timer_at
         self._timer = None
         self._timer_at = None
