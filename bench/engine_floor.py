@@ -5,8 +5,10 @@ only the client's calls are timed: opening streams and writing queries, building
 packets, reading the server's packets and taking the answers out as events. The
 traffic has the shape the real miss path has: the client sends ``batch`` queries
 per packet-building turn (what batched sends give under load) and the server
-answers each query in a packet of its own, padded to 468 octets as ``doqproxy
-serve`` does. ACKs ride on the next turn's queries.
+sends the answers to one turn's queries together, padded to 468 octets, as
+``doqproxy serve`` (and quic-go's send loop) does: two fit in a packet. With
+``--apart`` it sends each answer in a packet of its own instead, as serve did
+before 2026-12-01. ACKs ride on the next turn's queries.
 
 What this measures is the least CPU per query any forwarder built on that engine
 can spend on QUIC alone; the syscalls (a datagram read and a reply written per
@@ -87,7 +89,7 @@ def _connections(engine: str, certs: tuple[Path, Path, Path]) -> tuple[Any, Any,
 
 
 def measure(
-    engine: str, batch: int, queries: int, certs: tuple[Path, Path, Path]
+    engine: str, batch: int, queries: int, certs: tuple[Path, Path, Path], *, apart: bool = False
 ) -> dict[str, Any]:
     """Client CPU per query (µs) and packets per query each way, for one engine and batch."""
     client, server, events = _connections(engine, certs)
@@ -112,14 +114,15 @@ def measure(
         client.get_timer()
         spent += clock() - start
         up += len(outgoing)
-        # Server (not timed): one packet per answer.
+        # Server (not timed): the turn's answers together, or one packet each.
         packets = []
         for data, _addr in outgoing:
             server.receive_datagram(data, CLIENT_ADDR, now=now)
         while (event := server.next_event()) is not None:
             if isinstance(event, stream_data) and event.end_stream:
                 server.send_stream_data(event.stream_id, ANSWER, end_stream=True)
-                packets.extend(data for data, _addr in server.datagrams_to_send(now=now))
+                if apart:
+                    packets.extend(data for data, _addr in server.datagrams_to_send(now=now))
         packets.extend(data for data, _addr in server.datagrams_to_send(now=now))
         down += len(packets)
         # Client: read the answers (timed).
@@ -137,6 +140,7 @@ def measure(
     return {
         "engine": engine,
         "batch": batch,
+        "answers": "apart" if apart else "together",
         "queries": total,
         "cpu_us_per_query": round(1e6 * spent / total, 1),
         "packets_up_per_query": round(up / total, 3),
@@ -144,14 +148,16 @@ def measure(
     }
 
 
-def run(engines: list[str], batches: list[int], queries: int) -> list[dict[str, Any]]:
+def run(
+    engines: list[str], batches: list[int], queries: int, *, apart: bool = False
+) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="doqproxy-floor-") as tmp:
         ca, cert, key = devcerts.make_certificates(Path(tmp), SERVER_NAME, label="floor")
         certs = (ca, cert, key)
         results = []
         for engine in engines:
             measure(engine, 8, 2000, certs)  # warm-up: first-use costs stay out of the figure
-            results.extend(measure(engine, batch, queries, certs) for batch in batches)
+            results.extend(measure(engine, batch, queries, certs, apart=apart) for batch in batches)
         return results
 
 
@@ -160,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", action="append", choices=("aioquic", "qh3"))
     parser.add_argument("--batch", action="append", type=int)
     parser.add_argument("--queries", type=int, default=20000)
+    parser.add_argument(
+        "--apart", action="store_true", help="the server sends each answer in a packet of its own"
+    )
     args = parser.parse_args(argv)
     engines = args.engine or [
         name for name in ("aioquic", "qh3") if importlib.util.find_spec(name) is not None
     ]
-    for result in run(engines, args.batch or [1, 4, 16], args.queries):
+    for result in run(engines, args.batch or [1, 4, 16], args.queries, apart=args.apart):
         print(json.dumps(result), flush=True)
     return 0
 

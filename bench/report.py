@@ -354,9 +354,10 @@ def engines_section(results: dict[str, Any]) -> list[str]:
             "",
             "Each engine's own floor (`python -m bench.engine_floor`): a client and a server "
             "connection of the engine talk in memory, and only the client's calls are timed "
-            "(writing queries, building packets, reading the answers as events). Each query is "
-            "answered in a packet of its own (468-octet padded answers, as serve sends); "
-            "`batch` queries are written per packet-building turn. No syscalls, no DNS work:",
+            "(writing queries, building packets, reading the answers as events). `batch` "
+            "queries are written per packet-building turn, and the server sends that turn's "
+            "468-octet padded answers together, as serve does (two fit in a packet). No "
+            "syscalls, no DNS work:",
             "",
             "| engine | batch | CPU µs/query | packets up/query | packets down/query |",
             "| --- | ---: | ---: | ---: | ---: |",

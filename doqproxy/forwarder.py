@@ -188,11 +188,16 @@ class Routes:
         if old is not None and _reusable(old) == _reusable(builder):
             builder.made = dict(old.made)
             builder.bootstrap = old.bootstrap
+        pinned = dict(builder.bootstrap.pinned)
         try:
             routed, local = builder.build(default)
         except Exception:
             # A later route failed (a bad CA file, say): the upstreams this build
-            # already made and started would run on unused. The old ones stay.
+            # already made and started would run on unused. The old ones stay, and
+            # so do the addresses they look up (a new stamp may have pinned one in
+            # the bootstrap they share).
+            builder.bootstrap.pinned.clear()
+            builder.bootstrap.pinned.update(pinned)
             kept = {id(u) for u in old.made.values()} if old is not None else set()
             for upstream in builder.made.values():
                 if id(upstream) not in kept:

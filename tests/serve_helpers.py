@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import dns.edns
 import dns.flags
@@ -177,6 +178,12 @@ class RawDoqClient(QuicConnectionProtocol):
         self.answers: dict[int, asyncio.Future[bytes]] = {}
         self._buffers: dict[int, bytearray] = {}
         self.remote_max_streams_at_handshake: int | None = None
+        self.datagrams = 0
+        """Datagrams received from the server."""
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self.datagrams += 1
+        super().datagram_received(data, addr)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.HandshakeCompleted):

@@ -81,3 +81,34 @@ async def test_a_failed_core_ends_the_connection_and_the_query_fails_over(
         assert pool.stats.retries == 1
     finally:
         await pool.aclose()
+
+
+async def test_a_core_failing_before_the_handshake_is_retried_on_a_new_connection(
+    upstream: DoqTestUpstream, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in CI: qh3 failed a new connection's first packets ("packet protection
+    failed: missing OneRtt packet key") and the query got SERVFAIL at once, as if the
+    server were unreachable. The engine, not the server, failed: try a new connection."""
+    from doqproxy.upstream import engine_qh3
+
+    made: list[Any] = []
+
+    class FirstOneBroken(engine_qh3.QuicConnection):  # type: ignore[misc, unused-ignore]
+        def _create_core(self, *args: Any, **kwargs: Any) -> None:
+            super()._create_core(*args, **kwargs)
+            if not made:  # only the first connection's core fails
+                self._core = BrokenCore(self._core)
+            made.append(self)
+
+    monkeypatch.setattr(engine_qh3, "QuicConnection", FirstOneBroken)
+    url = UpstreamUrl("quic", "127.0.0.1", upstream.port)
+    configuration = client_configuration(SERVER_NAME, ca_file=certs.ca_file, quic_engine="qh3")
+    pool = DoqUpstream(url, configuration, PoolSettings(quic_engine="qh3"))
+    try:
+        async with asyncio.timeout(3):
+            answer = await pool.query(*query("n1.test."))
+        assert dns.message.from_wire(answer).answer
+        assert len(made) == 2 and pool.stats.retries == 1
+        assert upstream.state.handshakes == 1  # the broken one never reached the server
+    finally:
+        await pool.aclose()

@@ -8,7 +8,9 @@ import asyncio
 import pytest
 
 from doqproxy.forwarder import Routes
+from doqproxy.net import stamps
 from doqproxy.net.addresses import HostPort, parse_upstream
+from doqproxy.net.stamps import Stamp, encode_stamp
 from doqproxy.resolver import Resolver
 from doqproxy.routing import build
 from doqproxy.routing.routes import RouteSpec, RoutingSettings
@@ -57,5 +59,41 @@ async def test_a_failed_route_build_closes_what_it_had_started(
         assert started._closed, "the upstream of the failed build still runs"
         assert isinstance(old, DoqUpstream) and not old._closed  # still serves old.test
         assert routes.builder is not None and old in routes.builder.made.values()
+    finally:
+        await routes.aclose()
+
+
+async def test_a_failed_route_build_leaves_the_bootstrap_pins_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new stamp pins its host's address in the bootstrap the old routes share: when
+    a later route fails, the old routes must not go on looking that host up there."""
+    make = build.RouteBuilder._make
+
+    def failing(self: build.RouteBuilder, target: Target) -> object:
+        if target.url.scheme == "tls":
+            raise OSError("cannot read the CA file")
+        return make(self, target)
+
+    monkeypatch.setattr(build.RouteBuilder, "_make", failing)
+    monkeypatch.setattr(DoqUpstream, "start", lambda self: None)
+    default = PlainUpstream(parse_upstream("udp://127.0.0.1:9", ("udp",)))
+    routes = Routes(Resolver(default), tickets=None)  # type: ignore[arg-type]
+    kept = RouteSpec(("old.test.",), ("quic://doq.example:853",))
+    try:
+        routes.apply(settings_with(kept), default)
+        assert routes.builder is not None
+        bootstrap = routes.builder.bootstrap
+        assert bootstrap.pinned == {}
+        stamp = encode_stamp(Stamp(stamps.DOQ, 0, "127.0.0.3:853", (), "doq.example:853"))
+        pinning = RouteSpec(("new.test.",), (stamp,))
+        bad = RouteSpec(("bad.test.",), ("tls://127.0.0.1:9",))
+        with pytest.raises(OSError, match="CA file"):
+            routes.apply(settings_with(kept, pinning, bad), default)
+        assert routes.builder.bootstrap is bootstrap  # the old routes' own
+        assert bootstrap.pinned == {}, "the failed build's stamp still pins doq.example"
+        # A build that succeeds keeps the stamp's address, as before.
+        routes.apply(settings_with(kept, pinning), default)
+        assert routes.builder.bootstrap.pinned == {"doq.example": ("127.0.0.3",)}
     finally:
         await routes.aclose()

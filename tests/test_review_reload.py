@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
 import dns.asyncquery
 import dns.message
 
-from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port
+from .conftest import SERVER_NAME, Certs, ManagedProcess, ProxyProcess, free_port
 
 
-async def _wait_for_log(proxy: ProxyProcess, text: str) -> None:
+async def _wait_for_log(proxy: ManagedProcess, text: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if text in proxy.stderr():
@@ -125,6 +126,47 @@ async def test_sighup_during_start_up_is_applied_once_up_not_fatal(tmp_path: Pat
         assert "listening on" not in proxy.stderr(), proxy.stderr()
         proxy.proc.send_signal(signal.SIGHUP)
         await asyncio.to_thread(proxy.wait_ready)
+        await _wait_for_log(proxy, "SIGHUP: reloading the configuration")
+        log = proxy.stderr()
+        assert log.index("listening on") < log.index("SIGHUP: reloading"), log
+        assert await _localhost(port) == ["127.0.0.1"]
+        assert proxy.proc.poll() is None and "Traceback" not in proxy.stderr()
+    finally:
+        proxy.stop()
+
+
+_SIGHUP_DURING_IMPORTS = """
+import builtins, os, signal, sys
+
+real_import = builtins.__import__
+
+
+def hooked(name, *args, **kwargs):
+    if name == "doqproxy.cli":  # the command's heavy imports start here
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.SIGHUP)
+    return real_import(name, *args, **kwargs)
+
+
+builtins.__import__ = hooked
+sys.argv = ["doqproxy", *sys.argv[1:]]
+from doqproxy.__main__ import run
+
+run()
+"""
+
+
+async def test_sighup_during_the_imports_is_kept(tmp_path: Path) -> None:
+    """The same while the command is still importing its modules (click, aioquic,
+    dnspython: about 0.4 s): the ``doqproxy`` entry point holds SIGHUP before those."""
+    port = free_port()
+    argv = [
+        sys.executable, "-c", _SIGHUP_DURING_IMPORTS,
+        "forward", "-v", "-l", f"127.0.0.1:{port}",
+        "-u", f"quic://127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state"),
+    ]  # fmt: skip
+    proxy = ManagedProcess(argv, tmp_path / "p.log")
+    try:
         await _wait_for_log(proxy, "SIGHUP: reloading the configuration")
         log = proxy.stderr()
         assert log.index("listening on") < log.index("SIGHUP: reloading"), log

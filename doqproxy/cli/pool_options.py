@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,4 +121,19 @@ def pool_settings(params: dict[str, Any], *, padding: bool) -> tuple[PoolSetting
         quic_engine=params["quic_engine"],
         pad_block=_DEFAULTS.pad_block if padding else None,
     )
-    return settings, params["state_dir"] or default_state_dir()
+    return settings, params["state_dir"] or _started_default()
+
+
+_DEFAULT_DIRS: dict[tuple[str | None, ...], Path] = {}
+
+
+def _started_default() -> Path:
+    """The default state directory as the process first saw it: it depends on the
+    effective user, and a reload after ``--user`` must not make it the new user's (a
+    state directory cannot change without a restart, and saying so on every SIGHUP
+    would be wrong). The environment it reads stays part of the key."""
+    key = tuple(os.environ.get(name) for name in ("STATE_DIRECTORY", "XDG_STATE_HOME", "HOME"))
+    found = _DEFAULT_DIRS.get(key)
+    if found is None:
+        found = _DEFAULT_DIRS[key] = default_state_dir()
+    return found

@@ -256,14 +256,16 @@ class DoqConnection(QuicConnectionProtocol):
         except Exception:
             log.exception("resolver failed on stream %d", sid)
             self._reset(sid, DoqError.INTERNAL_ERROR)
-            self.transmit()
+            self._transmit_soon()
             return
         if reply is None:
             # Not a DNS query at all (shorter than a header, or QR=1).
             self._reset(sid, DoqError.UNSPECIFIED_ERROR)
         else:
             self._send(sid, reply)
-        self.transmit()
+        # Once per loop turn: the answers finished in this turn (the queries of one
+        # client datagram, answered from the cache or a zone) share packets.
+        self._transmit_soon()
 
     def _send(self, sid: int, reply: bytes) -> None:
         if self._sent_code is not None or self._terminated:

@@ -21,6 +21,7 @@ from doqproxy.frontend.admission import Admission
 from doqproxy.frontend.inflight import InFlight
 from doqproxy.frontend.tcp import TcpStats
 from doqproxy.net.addresses import HostPort
+from doqproxy.ops import early
 from doqproxy.ops.observers import (
     LatencyHistogram,
     Observations,
@@ -36,15 +37,11 @@ from doqproxy.upstream.pool import DoqUpstream
 
 log = logging.getLogger(__name__)
 
-_early_sighups: list[int] = []
-
 
 def hold_early_sighup() -> None:
     """Keep a SIGHUP that arrives before the forwarder is up (its default action
     ends the process) and apply it as a reload once it is: :meth:`Operations.start`."""
-    _early_sighups.clear()  # one start-up's signal is not another's (in-process runs)
-    if threading.current_thread() is threading.main_thread():  # signals go there only
-        signal.signal(signal.SIGHUP, lambda signum, frame: _early_sighups.append(signum))
+    early.hold_sighup()
 
 
 STATUS_INTERVAL = 10.0
@@ -92,6 +89,7 @@ class Operations:
         self._metrics: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics_address: tuple[str, int] | None = None
+        self._stopping = False
 
     @property
     def observing(self) -> bool:
@@ -123,8 +121,8 @@ class Operations:
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("%s", self.summary()))
         self.notifier.ready(self.summary())
-        if _early_sighups:
-            _early_sighups.clear()
+        if early.received:
+            early.received.clear()
             loop.call_soon(self._sighup)  # the file may have changed since it was read
         if self.notifier.enabled:
             self._spawn(self._heartbeat())
@@ -201,6 +199,8 @@ class Operations:
             query_log.flush()
 
     def _sighup(self) -> None:
+        if self._stopping:  # a held SIGHUP scheduled by start(), after a stop that came first
+            return
         log.warning("SIGHUP: reloading the configuration")
         self.notifier.reloading()
         query_log = self.observations.query_log
@@ -227,6 +227,7 @@ class Operations:
         """Shutting down: say so, and stop reloading. SIGHUP and SIGUSR1 are ignored
         from now on, since their default action (once the loop drops its handlers)
         would end the process mid-shutdown with status 129 or 138."""
+        self._stopping = True
         self.notifier.stopping()
         if threading.current_thread() is not threading.main_thread():
             return

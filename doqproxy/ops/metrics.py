@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
@@ -35,10 +35,12 @@ from doqproxy.net.addresses import HostPort
 from doqproxy.ops.observers import LatencyHistogram, Observations, qtype_label, rcode_label
 from doqproxy.ops.process import event_loop_name
 from doqproxy.resolver import Resolver
+from doqproxy.routing.build import reachable
 from doqproxy.upstream import engine
+from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.group import Member, UpstreamGroup
 from doqproxy.upstream.health import Reason, State
-from doqproxy.upstream.pool import DoqUpstream
+from doqproxy.upstream.pool import DoqUpstream, PoolStats
 
 _DOQ_CODES = {
     0x0: "NO_ERROR",
@@ -74,6 +76,17 @@ def counters(
         metric = CounterMetricFamily(f"{prefix}_{name}", text, labels=[label[0]] if label else None)
         metric.add_metric([label[1]] if label else [], value)
         yield metric
+
+
+_Named = TypeVar("_Named", Member, DoqUpstream)
+
+
+def _by_name(items: list[_Named]) -> dict[str, list[_Named]]:
+    """``items`` grouped by display name (one series per name), in order."""
+    named: dict[str, list[_Named]] = {}
+    for item in items:
+        named.setdefault(item.name, []).append(item)
+    return named
 
 
 def quic_engine() -> str:
@@ -123,11 +136,9 @@ class ForwardCollector(Collector):
         yield started
         yield from self._queries()
         yield from self._cache(self.sources.resolver().cache)
-        group = self.sources.upstream()
-        yield from self._members(group)
-        for member in group.members:
-            if isinstance(member.upstream, DoqUpstream):
-                yield from self._pool(member.upstream)
+        members, leaves = self._upstreams()
+        yield from self._members(members)
+        yield from self._pools([u for u in leaves if isinstance(u, DoqUpstream)])
         yield from self._latency()
         yield from self._fallbacks()
         in_flight = GaugeMetricFamily("doqproxy_in_flight_queries", "Queries being answered now.")
@@ -256,55 +267,72 @@ class ForwardCollector(Collector):
         entries.add_metric([], len(cache))
         yield entries
 
-    def _pool(self, upstream: DoqUpstream) -> Iterator[Metric]:
-        stats = upstream.stats
-        label = [upstream.name]
-        yield from counters(
-            "doqproxy_upstream",
-            (
-                ("connections_opened", stats.connections_opened, "QUIC connections opened."),
-                ("handshakes", stats.handshakes, "Completed QUIC handshakes."),
-                ("sessions_resumed", stats.sessions_resumed, "Handshakes that resumed a session."),
-                (
-                    "early_data_attempted",
-                    stats.early_data_sent,
-                    "Connections that sent 0-RTT data.",
-                ),
-                (
-                    "early_data_accepted",
-                    stats.early_data_accepted,
-                    "0-RTT data the server accepted.",
-                ),
-                ("retries", stats.retries, "Queries retried on a fresh connection."),
-                ("connect_failures", stats.connect_failures, "Connections that never came up."),
-            ),
-            ("upstream", upstream.name),
-        )
+    def _pools(self, upstreams: list[DoqUpstream]) -> Iterator[Metric]:
+        """The connection pools, each metric family once with a sample per name (a
+        family repeated per upstream is not a valid exposition); pools of the same
+        name (a route's and -u's) are added up."""
+        named = _by_name(upstreams)
+        rows: tuple[tuple[str, str, Callable[[PoolStats], int]], ...] = (
+            ("connections_opened", "QUIC connections opened.", lambda s: s.connections_opened),
+            ("handshakes", "Completed QUIC handshakes.", lambda s: s.handshakes),
+            ("sessions_resumed", "Handshakes that resumed a session.",
+             lambda s: s.sessions_resumed),
+            ("early_data_attempted", "Connections that sent 0-RTT data.",
+             lambda s: s.early_data_sent),
+            ("early_data_accepted", "0-RTT data the server accepted.",
+             lambda s: s.early_data_accepted),
+            ("retries", "Queries retried on a fresh connection.", lambda s: s.retries),
+            ("connect_failures", "Connections that never came up.", lambda s: s.connect_failures),
+        )  # fmt: skip
+        for metric, text, value in rows:
+            family = CounterMetricFamily(f"doqproxy_upstream_{metric}", text, labels=["upstream"])
+            for name, pools in named.items():
+                family.add_metric([name], sum(value(u.stats) for u in pools))
+            yield family
         closes = CounterMetricFamily(
             "doqproxy_upstream_connection_closes",
             "Upstream connections closed, by error code (DoQ names; QUIC/TLS codes in hex).",
             labels=["upstream", "code"],
         )
-        for code, count in dict(stats.closes_by_code).items():
-            closes.add_metric([upstream.name, close_code_label(code)], count)
-        yield closes
-        connections = upstream.connections
         pool = GaugeMetricFamily(
             "doqproxy_upstream_connections", "Open upstream connections.", labels=["upstream"]
         )
-        pool.add_metric(label, len(connections))
-        yield pool
         streams = GaugeMetricFamily(
             "doqproxy_upstream_streams_in_flight",
             "Queries waiting on upstream streams.",
             labels=["upstream"],
         )
-        streams.add_metric(label, sum(conn.in_flight for conn in connections))
-        yield streams
+        for name, pools in named.items():
+            by_code: dict[str, int] = {}
+            for upstream in pools:
+                for code, count in dict(upstream.stats.closes_by_code).items():
+                    label = close_code_label(code)
+                    by_code[label] = by_code.get(label, 0) + count
+            for label, count in by_code.items():
+                closes.add_metric([name, label], count)
+            connections = [conn for u in pools for conn in u.connections]
+            pool.add_metric([name], len(connections))
+            streams.add_metric([name], sum(conn.in_flight for conn in connections))
+        yield from (closes, pool, streams)
 
-    def _members(self, group: UpstreamGroup) -> Iterator[Metric]:
-        """What the group knows per upstream: traffic, health, hedging."""
-        members = group.members
+    def _upstreams(self) -> tuple[list[Member], list[Upstream]]:
+        """The -u group's members, then those of the routes' groups; the single
+        upstreams behind them all (routes and fallbacks included), each once."""
+        group = self.sources.upstream()
+        members, leaves = reachable(self.sources.resolver().upstream)
+        known = {id(m) for m in group.members}
+        members = [*group.members, *(m for m in members if id(m) not in known)]
+        found = {id(m.upstream) for m in group.members}
+        return members, [
+            *(m.upstream for m in group.members),
+            *(u for u in leaves if id(u) not in found),
+        ]
+
+    def _members(self, members: list[Member]) -> Iterator[Metric]:
+        """What each group knows per upstream: traffic, health, hedging. The members of
+        one name in several groups (-u and a route's) add up their counts; the health
+        shown is the first one's (-u's)."""
+        named = _by_name(members)
         rows: tuple[tuple[str, str, Callable[[Member], int]], ...] = (
             ("queries_sent", "Queries sent to the upstream (hedges and side trips included).",
              lambda m: m.stats.queries_sent),
@@ -315,10 +343,10 @@ class ForwardCollector(Collector):
             ("races_won", "Answers that won while another upstream had the same query.",
              lambda m: m.stats.races_won),
         )  # fmt: skip
-        for name, text, value in rows:
-            family = CounterMetricFamily(f"doqproxy_upstream_{name}", text, labels=["upstream"])
-            for member in members:
-                family.add_metric([member.name], value(member))
+        for metric, text, value in rows:
+            family = CounterMetricFamily(f"doqproxy_upstream_{metric}", text, labels=["upstream"])
+            for name, same in named.items():
+                family.add_metric([name], sum(value(m) for m in same))
             yield family
         failures = CounterMetricFamily(
             "doqproxy_upstream_failures",
@@ -345,17 +373,20 @@ class ForwardCollector(Collector):
             "Queries waiting inside the upstream's pool for a connection.",
             labels=["upstream"],
         )
-        for member in members:
-            health = member.health
+        for name, same in named.items():
             for reason in Reason:
-                failures.add_metric([member.name, str(reason)], health.failure_count(reason))
+                count = sum(m.health.failure_count(reason) for m in same)
+                failures.add_metric([name, str(reason)], count)
+            health = same[0].health
             if health.srtt is not None:
-                srtt.add_metric([member.name], health.srtt)
+                srtt.add_metric([name], health.srtt)
             for each in State:
-                state.add_metric([member.name, str(each)], float(health.state is each))
+                state.add_metric([name, str(each)], float(health.state is each))
             if health.last_error:
-                last_error.add_metric([member.name, error_label(health.last_error)], 1)
-            queued.add_metric([member.name], member.queued)
+                last_error.add_metric([name, error_label(health.last_error)], 1)
+            # A pool shared by several groups' members is counted once.
+            pools = {id(m.upstream): m for m in same}.values()
+            queued.add_metric([name], sum(m.queued for m in pools))
         yield from (failures, srtt, state, last_error, queued)
 
     def _latency(self) -> Iterator[Metric]:

@@ -124,9 +124,10 @@ class Reloader:
         new = _in_force(new, old)
         cache = self.resolver.cache
         if new.cache != old.cache:
-            if cache is None or not new.cache.enabled:
+            if new.cache.enabled != old.cache.enabled:
                 log.warning("reload: turning the cache on or off needs a restart")
-            else:
+                new = dataclasses.replace(new, cache=old.cache)  # what runs
+            elif cache is not None:
                 cache.reconfigure(new.cache)
                 log.warning("reload: cache limits changed (%d entries kept)", len(cache))
         if upstream is not None:

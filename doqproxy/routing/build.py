@@ -55,10 +55,14 @@ class RouteBuilder:
         self.bootstrap = Bootstrap(self.routing.bootstrap, pinned=dict(self.routing.addresses))
 
     def upstream(self, text: str) -> Upstream:
-        """The upstream for one URL or stamp, made once."""
+        """The upstream for one URL or stamp, made once; a stamp pins its address in
+        the bootstrap (again on every build that uses it: see :meth:`build`)."""
+        target = parse_target(text, SCHEMES)
+        host = target.url.host
+        if target.addresses and not self.routing.addresses_for(host):
+            self.bootstrap.pinned[host.lower().rstrip(".")] = target.addresses
         if text in self.made:
             return self.made[text]
-        target = parse_target(text, SCHEMES)
         upstream = self._make(target)
         self.made[text] = upstream
         return upstream
@@ -66,8 +70,6 @@ class RouteBuilder:
     def _make(self, target: Target) -> Upstream:
         url = target.url
         pins = self.routing.pins_for(url.host)
-        if target.addresses and not self.routing.addresses_for(url.host):
-            self.bootstrap.pinned[url.host.lower().rstrip(".")] = target.addresses
         if url.scheme == "udp":
             return PlainUpstream(url, tcp_timeout=self.timeout)
         if url.scheme == "tls":
@@ -97,6 +99,11 @@ class RouteBuilder:
     def build(self, default: Upstream) -> tuple[Upstream, LocalZones]:
         """The upstream the resolver asks, and the locally served zones."""
         routing = self.routing
+        # The bootstrap may be a previous build's (shared by the upstreams kept): only
+        # the configured addresses and the stamps this build uses are pinned.
+        pinned = self.bootstrap.pinned
+        pinned.clear()
+        pinned.update((h.lower().rstrip("."), a) for h, a in dict(routing.addresses).items())
         fallbacks = [self.upstream(text) for text in routing.fallback]
         routes: dict[str, Upstream] = {}
         specs: dict[str, str] = {}
@@ -148,3 +155,28 @@ def fallbacks_of(upstream: Upstream) -> list[FallbackUpstream]:
         elif isinstance(candidate, Router):
             found += [u for u in candidate.upstreams() if isinstance(u, FallbackUpstream)]
     return list({id(f): f for f in found}.values())
+
+
+def reachable(upstream: Upstream) -> tuple[list[Member], list[Upstream]]:
+    """Every group member and every single upstream the resolver's upstream can ask,
+    routes and fallbacks included, each once (metrics add up those of one name)."""
+    members: dict[int, Member] = {}
+    leaves: dict[int, Upstream] = {}
+    pending: list[Upstream] = [upstream]
+    seen: set[int] = set()
+    while pending:
+        node = pending.pop(0)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Router):
+            pending += node.upstreams()
+        elif isinstance(node, FallbackUpstream):
+            pending += [node.primary, *node.fallbacks]
+        elif isinstance(node, UpstreamGroup):
+            for member in node.members:
+                members.setdefault(id(member), member)
+                pending.append(member.upstream)
+        else:
+            leaves[id(node)] = node
+    return list(members.values()), list(leaves.values())

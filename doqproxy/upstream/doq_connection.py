@@ -37,6 +37,10 @@ limit that may be lower than ours."""
 class ConnectionLost(UpstreamError):
     """The connection died before the answer arrived; the query may be retried."""
 
+    engine_failure = False
+    """The QUIC engine's own core failed: worth a new connection even before any
+    handshake (the server and the path are not to blame)."""
+
 
 @dataclass(slots=True)
 class ConnectionInfo:
@@ -419,7 +423,9 @@ class DoqConnection:
         info.close_code = error_code
         info.close_reason = reason
         info.close_by_peer = draining or error_code != 0 or "Idle" not in reason
-        self._fail(ConnectionLost(describe_close(error_code, reason), Ede.NETWORK_ERROR))
+        lost = ConnectionLost(describe_close(error_code, reason), Ede.NETWORK_ERROR)
+        lost.engine_failure = not draining and reason.startswith(engine.ENGINE_FAILURE)
+        self._fail(lost)
 
     def on_unreachable(self, reason: str) -> None:
         self._fail(ConnectionLost(f"connection failed: {reason}"))

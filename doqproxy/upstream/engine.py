@@ -66,6 +66,11 @@ class ConnectedTransport:
         return getattr(self._transport, name)
 
 
+ENGINE_FAILURE = "QUIC engine error"
+"""How an engine's close reason starts when its own core failed (not the network, not
+the server): the queries on that connection may be retried on a new one."""
+
+
 class SessionClosed(Exception):
     """The engine found the connection closed (by the peer) before it said so."""
 

@@ -26,7 +26,12 @@ from qh3.quic.packet import QuicErrorCode
 from qh3.tls import CipherSuite, SessionTicket
 
 from doqproxy.doq import framing
-from doqproxy.upstream.engine import ConnectedTransport, SessionClosed, SessionOwner
+from doqproxy.upstream.engine import (
+    ENGINE_FAILURE,
+    ConnectedTransport,
+    SessionClosed,
+    SessionOwner,
+)
 from doqproxy.upstream.engine_qh3_io import LeanProtocol
 
 NAME = "qh3"
@@ -162,7 +167,7 @@ class _Protocol(LeanProtocol):
         if self._transport is not None:
             self._transport.close()
         self.owner.on_terminated(
-            QuicErrorCode.INTERNAL_ERROR, f"QUIC engine error: {reason}", draining=False
+            QuicErrorCode.INTERNAL_ERROR, f"{ENGINE_FAILURE}: {reason}", draining=False
         )
 
     def connection_lost(self, exc: Exception | None) -> None:

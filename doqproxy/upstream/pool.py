@@ -149,7 +149,11 @@ class DoqUpstream:
                 if self._rescue is not None and conn.info.handshake_at is None:
                     # Another address is being tried (Happy Eyeballs): use it.
                     await asyncio.wait({self._rescue}, timeout=self.settings.handshake_timeout)
-                elif attempt or (conn.info.handshake_at is None and not conn.info.early_data_sent):
+                elif attempt or (
+                    conn.info.handshake_at is None
+                    and not conn.info.early_data_sent
+                    and not exc.engine_failure
+                ):
                     raise UpstreamError(str(exc), exc.ede) from None
                 if attempt:
                     raise UpstreamError(str(exc), exc.ede) from None
@@ -482,6 +486,12 @@ class DoqUpstream:
         if conn.handshake_done.cancelled() or conn.handshake_done.exception() is not None:
             if conn in self._superseded:
                 return
+            failure = None if conn.handshake_done.cancelled() else conn.handshake_done.exception()
+            if isinstance(failure, ConnectionLost) and failure.engine_failure:
+                # Our QUIC engine failed, not the server or the path: no backoff, and
+                # the next query (or the retry of this one) opens a new connection.
+                self.stats.connect_failures += 1
+                return
             if self._preferred == conn.address:
                 self._preferred = None
             if self.forget is not None:
@@ -489,7 +499,6 @@ class DoqUpstream:
             self._failed_at[conn.address] = time.monotonic()
             self.stats.connect_failures += 1
             self._backoff.failed(time.monotonic())
-            failure = None if conn.handshake_done.cancelled() else conn.handshake_done.exception()
             self._last_error = str(failure) if failure else "handshake failed"
             return
         self._backoff.succeeded()
