@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import qh3
-from qh3.asyncio.protocol import QuicConnectionProtocol
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
@@ -33,6 +32,7 @@ from doqproxy.upstream.engine import (
     SessionClosed,
     SessionOwner,
 )
+from doqproxy.upstream.engine_qh3_io import LeanProtocol
 from doqproxy.upstream.qh3_reservations import ReservationSafeConnection
 
 NAME = "qh3"
@@ -64,7 +64,7 @@ def version() -> str:
     return str(qh3.__version__)
 
 
-class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
+class _Protocol(LeanProtocol):
     """Moves datagrams between the socket and qh3; events go to the owner."""
 
     owner: SessionOwner
@@ -103,7 +103,7 @@ class _Protocol(QuicConnectionProtocol):  # type: ignore[misc, unused-ignore]
         core = quic._core
         lost = 0 if core is None else core.loss_total
         try:
-            quic.receive_datagram(cast(bytes, data), addr, now=now)
+            self.receive(cast(bytes, data), addr, now)
         except (ValueError, QuicConnectionError) as exc:
             self._fail(str(exc))  # as in transmit(): the core cannot go on
             return

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
+from qh3.quic.packet import QuicErrorCode
 
 _LARGEST_DATAGRAM = 1500
 """Above any datagram size qh3's core uses on our paths: more window than this is open."""
@@ -80,7 +81,17 @@ class ReservationSafeConnection(QuicConnection):  # type: ignore[misc, unused-ig
         return prepared
 
     def _build(self, now: float) -> list[tuple[bytes, Any]]:
-        datagrams: list[tuple[bytes, Any]] = super().datagrams_to_send(now)
+        core = self._core
+        if core is None or self._quic_logger is not None:
+            datagrams: list[tuple[bytes, Any]] = super().datagrams_to_send(now)
+        else:
+            # qh3's own loop, minus a header walk per datagram for a qlog that is off.
+            datagrams = []
+            try:
+                while (datagram := core.poll_transmit(now)) is not None:
+                    datagrams.append((datagram[0], datagram[1]))
+            except RuntimeError as exc:  # as qh3's wrapper reports a core failure
+                raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
         self._window_closed = self._closed_window()
         return datagrams
 
