@@ -2,17 +2,17 @@
 
 qh3's ``QuicConnectionProtocol`` and its ``QuicConnection`` wrapper spend Python on
 every datagram for things a connected DoQ client never needs once the handshake is
-confirmed: each received datagram's packet headers are parsed twice (for Retry
-and to split coalesced packets) and each sent one's once more (for a qlog that is
-off; :mod:`qh3_reservations` builds without it); every transmit re-arms the
-connection's timer, although the deadline it holds (loss detection) only moves
-later while queries flow. This class takes the same steps through qh3's core with less around them, and falls back to qh3's own
-paths while a qlog is on or the handshake is not confirmed. What goes on the
-wire is unchanged. Two timings change: a pacing timer that uvloop runs before its
-deadline sends what the pacer held at once, instead of spinning until the loop's
-clock passes the deadline; and the loss-detection timer may wake the loop before
-its deadline (when traffic stops less than :data:`KEEP_AHEAD` before it), to find
-it moved on and re-arm.
+confirmed: each received datagram's packet headers are parsed twice (for Retry and
+to split coalesced packets) and each sent one's once more (for a qlog that is off;
+:mod:`qh3_reservations` builds without it); every transmit re-arms the connection's
+timer, although the deadline it holds (loss detection) only moves later while
+queries flow. This class takes the same steps through qh3's core with less around
+them, and falls back to qh3's own paths while a qlog is on or the handshake is not
+confirmed. What goes on the wire is unchanged. Two timings change: a pacing timer
+that uvloop runs before its deadline sends what the pacer held at once, instead of
+spinning until the loop's clock passes the deadline; and the loss-detection timer
+may wake the loop before its deadline (when traffic stops less than
+:data:`KEEP_AHEAD` before it), to find it moved on and re-arm.
 """
 
 from __future__ import annotations
