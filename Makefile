@@ -30,12 +30,13 @@ test: venv debian-tools lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider --durations=15
 	$(MAKE) --no-print-directory test-engines
 
-# The upstream-side end-to-end tests once more on the other QUIC engine (the suite
-# runs on the default one; tests/test_quic_engines.py covers each engine already).
+# The upstream-side end-to-end tests once more on aioquic, the reference engine (the
+# suite runs on the default one, qh3; tests/test_quic_engines.py covers each engine).
 ENGINE_E2E := tests/test_pool_e2e.py tests/test_upstream_liveness.py \
-	tests/test_doq_response_id.py tests/test_ipv6_upstream.py tests/test_forward_via_serve.py
+	tests/test_doq_response_id.py tests/test_ipv6_upstream.py tests/test_forward_via_serve.py \
+	tests/test_forward_e2e.py
 test-engines: venv
-	DOQPROXY_QUIC_ENGINE=qh3 $(VENV)/bin/pytest -q -p no:cacheprovider $(ENGINE_E2E)
+	DOQPROXY_QUIC_ENGINE=aioquic $(VENV)/bin/pytest -q -p no:cacheprovider $(ENGINE_E2E)
 
 # One command, offline, no root: serve a demo zone over DoQ, forward to it, ask it.
 DEMO_PORT ?= 5353
