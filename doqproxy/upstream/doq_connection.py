@@ -20,7 +20,7 @@ from typing import Any
 
 from doqproxy.dns.ede import Ede
 from doqproxy.doq import framing
-from doqproxy.upstream import engine, engine_aioquic  # noqa: F401 - see engine.get
+from doqproxy.upstream import engine
 from doqproxy.upstream.base import UpstreamError
 from doqproxy.upstream.engine import ClientSession, SessionClosed
 from doqproxy.upstream.pins import PinMismatch, check_pin

@@ -195,9 +195,9 @@ def get(name: str | None = None) -> Engine:
     """The engine module for ``name`` (default: the selected one).
 
     Raises ValueError for an unknown or missing engine. The selected engine is
-    imported by :func:`select` at start-up (and aioquic with doq_connection),
-    not here on first use: after ``--user`` the interpreter's directory may be
-    unreadable.
+    imported by :func:`select` at start-up, not here on first use: after ``--user``
+    the interpreter's directory may be unreadable. The other engine is never
+    imported (qh3's forwarder does not carry aioquic in memory).
     """
     name = NAME if name is None else name
     if name not in ENGINES:
