@@ -416,7 +416,9 @@ class DoqConnection:
             info.early_data_accepted,
         )
 
-    def on_terminated(self, error_code: int, reason: str, *, draining: bool) -> None:
+    def on_terminated(
+        self, error_code: int, reason: str, *, draining: bool, engine_failure: bool = False
+    ) -> None:
         if self.dead:
             return
         info = self.info
@@ -424,7 +426,7 @@ class DoqConnection:
         info.close_reason = reason
         info.close_by_peer = draining or error_code != 0 or "Idle" not in reason
         lost = ConnectionLost(describe_close(error_code, reason), Ede.NETWORK_ERROR)
-        lost.engine_failure = not draining and reason.startswith(engine.ENGINE_FAILURE)
+        lost.engine_failure = engine_failure  # never from the reason: the server picks it
         self._fail(lost)
 
     def on_unreachable(self, reason: str) -> None:

@@ -70,7 +70,8 @@ class ConnectedTransport:
 
 ENGINE_FAILURE = "QUIC engine error"
 """How an engine's close reason starts when its own core failed (not the network, not
-the server): the queries on that connection may be retried on a new one."""
+the server), for logs; the owner learns it from ``on_terminated(engine_failure=True)``,
+never from the text (a server picks its close reason freely)."""
 
 
 class SessionClosed(Exception):
@@ -89,9 +90,13 @@ class SessionOwner(Protocol):
 
     def on_handshake(self, alpn: str | None, resumed: bool, early_data_accepted: bool) -> None: ...
 
-    def on_terminated(self, error_code: int, reason: str, *, draining: bool) -> None:
+    def on_terminated(
+        self, error_code: int, reason: str, *, draining: bool, engine_failure: bool = False
+    ) -> None:
         """The connection ended; ``draining`` when the peer closed it and the
-        engine has not reported it yet (it would after the draining period)."""
+        engine has not reported it yet (it would after the draining period);
+        ``engine_failure`` when the engine's own core failed (the queries on it may
+        be retried on a new connection)."""
 
     def on_unreachable(self, reason: str) -> None:
         """The network said the server cannot be reached (ICMP)."""

@@ -172,7 +172,10 @@ class _Protocol(LeanProtocol):
         if self._transport is not None:
             self._transport.close()
         self.owner.on_terminated(
-            QuicErrorCode.INTERNAL_ERROR, f"{ENGINE_FAILURE}: {reason}", draining=False
+            QuicErrorCode.INTERNAL_ERROR,
+            f"{ENGINE_FAILURE}: {reason}",
+            draining=False,
+            engine_failure=True,
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
