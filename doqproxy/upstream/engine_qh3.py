@@ -21,7 +21,7 @@ from typing import Any, cast
 import qh3
 from qh3.quic import events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection, QuicConnectionError, QuicConnectionState
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicErrorCode
 from qh3.tls import CipherSuite, SessionTicket
 
@@ -52,12 +52,6 @@ ACK_DELAY = 0.005
 """Seconds an ACK for 1-RTT packets may wait for a query to ride on, once the
 handshake is confirmed (as in :mod:`engine_aioquic`). We advertise max_ack_delay
 25 ms (qh3's default), so this stays well inside what RFC 9000 13.2.1 allows."""
-
-_END_STATES = (
-    QuicConnectionState.CLOSING,
-    QuicConnectionState.DRAINING,
-    QuicConnectionState.TERMINATED,
-)
 
 
 def version() -> str:
@@ -119,7 +113,10 @@ class _Protocol(LeanProtocol):
             # that transmits meanwhile (a query, a timer, a cancel) takes it along.
             self._ack_flush = self._loop.call_at(now + ACK_DELAY, self.transmit)
         close = quic._close_event
-        if quic._state in _END_STATES and close is not None:
+        # qh3's wrapper has no closing or draining state (unlike aioquic's): it only
+        # turns TERMINATED after the draining period. A close event, the peer's or a
+        # protocol error's, means the connection carries nothing more from now on.
+        if close is not None:
             self.owner.on_terminated(close.error_code, close.reason_phrase, draining=True)
         else:
             self.owner.on_datagram()
