@@ -127,6 +127,7 @@ class ForwardCollector(Collector):
         build = GaugeMetricFamily(
             "doqproxy_build_info", "Version, event loop and QUIC engine.", labels=list(self.build)
         )
+        self.build["quic_engine"] = quic_engine()  # a reload may switch it
         build.add_metric(list(self.build.values()), 1)
         yield build
         started = GaugeMetricFamily(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from doqproxy.ops.control import Operations
 from doqproxy.resolver import Resolver
 from doqproxy.settings import ForwardSettings
+from doqproxy.upstream import engine
 from doqproxy.upstream.base import Upstream
 from doqproxy.upstream.group import UpstreamGroup, close_later
 
@@ -101,6 +102,7 @@ class Reloader:
     def __call__(self) -> bool:
         """Apply the configuration as it is now; ``False`` if the old one was kept."""
         old = self.settings
+        running_engine = engine.NAME  # reading the options selects the file's engine
         try:
             new = self.load()
             upstream = None
@@ -120,6 +122,7 @@ class Reloader:
                 routed = self.route(new, default)
         except Exception as exc:  # whatever the loader raises, the old config stays
             log.error("reload failed, keeping the old configuration: %s", exc)
+            engine.NAME = running_engine
             return False
         new = _in_force(new, old)
         cache = self.resolver.cache
