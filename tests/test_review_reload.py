@@ -174,3 +174,45 @@ async def test_sighup_during_the_imports_is_kept(tmp_path: Path) -> None:
         assert proxy.proc.poll() is None and "Traceback" not in proxy.stderr()
     finally:
         proxy.stop()
+
+
+_SIGHUP_JUST_BEFORE_START = """
+import os, signal, sys
+
+from doqproxy.ops import control
+
+real_start = control.Operations.start
+
+
+def start(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGHUP)  # the loop runs, its reload handler is not set yet
+    real_start(self, *args, **kwargs)
+
+
+control.Operations.start = start
+sys.argv = ["doqproxy", *sys.argv[1:]]
+from doqproxy.__main__ import run
+
+run()
+"""
+
+
+async def test_a_sighup_just_before_the_handler_is_set_reloads_once(tmp_path: Path) -> None:
+    """Seen in CI: one SIGHUP that came after the listeners but before the reload
+    handler reloaded twice (held from start-up, and delivered again by uvloop's wakeup
+    fd, which is set from the loop's start)."""
+    port = free_port()
+    argv = [
+        sys.executable, "-c", _SIGHUP_JUST_BEFORE_START,
+        "forward", "-v", "-l", f"127.0.0.1:{port}",
+        "-u", f"quic://127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "state"),
+    ]  # fmt: skip
+    proxy = ManagedProcess(argv, tmp_path / "p.log")
+    try:
+        await _wait_for_log(proxy, "SIGHUP: reloading the configuration")
+        assert await _localhost(port) == ["127.0.0.1"]
+        await asyncio.sleep(1.0)  # a second reload would come within milliseconds
+        assert proxy.stderr().count("SIGHUP: reloading the configuration") == 1, proxy.stderr()
+        assert proxy.proc.poll() is None
+    finally:
+        proxy.stop()

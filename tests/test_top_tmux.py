@@ -18,6 +18,8 @@ import dns.asyncquery
 import dns.message
 import pytest
 
+from doqproxy.upstream import engine
+
 from .conftest import ProxyProcess, free_port
 from .doq_fixture import DoqTestUpstream
 from .test_top_e2e import EVENT_LOOP, wait_for_metrics
@@ -148,7 +150,7 @@ async def test_live_view_shows_traffic_and_q_restores_the_terminal(
         assert (
             "doqproxy 0.1.0" in screen
             and f"loop {EVENT_LOOP}" in screen
-            and "quic aioquic" in screen
+            and f"quic {engine.NAME}" in screen
         )
         row = upstream_row(screen, name)
         assert row is not None and row[5] == "100%" and row[6] == "1"  # share, connections

@@ -44,6 +44,9 @@ def hold_early_sighup() -> None:
     early.hold_sighup()
 
 
+EARLY_SIGHUP_GRACE = 0.05
+"""Seconds a SIGHUP held from start-up waits for the event loop to deliver it itself."""
+
 STATUS_INTERVAL = 10.0
 """Seconds between STATUS= updates when there is no watchdog to piggyback on."""
 
@@ -90,6 +93,8 @@ class Operations:
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics_address: tuple[str, int] | None = None
         self._stopping = False
+        self.reloads = 0
+        """SIGHUPs handled (reloads started)."""
 
     @property
     def observing(self) -> bool:
@@ -122,8 +127,14 @@ class Operations:
         loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("%s", self.summary()))
         self.notifier.ready(self.summary())
         if early.received:
+            # The file may have changed since it was read: reload, unless the loop
+            # delivers that same signal itself (uvloop's wakeup fd is set from the
+            # start, so a signal caught early can also reach the handler just added).
             early.received.clear()
-            loop.call_soon(self._sighup)  # the file may have changed since it was read
+            reloads = self.reloads
+            loop.call_later(
+                EARLY_SIGHUP_GRACE, lambda: self._sighup() if self.reloads == reloads else None
+            )
         if self.notifier.enabled:
             self._spawn(self._heartbeat())
 
@@ -201,6 +212,7 @@ class Operations:
     def _sighup(self) -> None:
         if self._stopping:  # a held SIGHUP scheduled by start(), after a stop that came first
             return
+        self.reloads += 1
         log.warning("SIGHUP: reloading the configuration")
         self.notifier.reloading()
         query_log = self.observations.query_log
