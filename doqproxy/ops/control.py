@@ -9,6 +9,7 @@ calls it at start, on reload and at shutdown; each feature is inert when off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -43,9 +44,6 @@ def hold_early_sighup() -> None:
     ends the process) and apply it as a reload once it is: :meth:`Operations.start`."""
     early.hold_sighup()
 
-
-EARLY_SIGHUP_GRACE = 0.05
-"""Seconds a SIGHUP held from start-up waits for the event loop to deliver it itself."""
 
 STATUS_INTERVAL = 10.0
 """Seconds between STATUS= updates when there is no watchdog to piggyback on."""
@@ -93,8 +91,6 @@ class Operations:
         self._tasks: set[asyncio.Task[None]] = set()
         self.metrics_address: tuple[str, int] | None = None
         self._stopping = False
-        self.reloads = 0
-        """SIGHUPs handled (reloads started)."""
 
     @property
     def observing(self) -> bool:
@@ -123,18 +119,11 @@ class Operations:
         if self.settings.metrics_listen is not None:
             self._start_metrics(self.settings.metrics_listen)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self._sighup)
-        loop.add_signal_handler(signal.SIGUSR1, lambda: log.warning("%s", self.summary()))
+        self._take_signals(loop)
         self.notifier.ready(self.summary())
         if early.received:
-            # The file may have changed since it was read: reload, unless the loop
-            # delivers that same signal itself (uvloop's wakeup fd is set from the
-            # start, so a signal caught early can also reach the handler just added).
             early.received.clear()
-            reloads = self.reloads
-            loop.call_later(
-                EARLY_SIGHUP_GRACE, lambda: self._sighup() if self.reloads == reloads else None
-            )
+            loop.call_soon(self._sighup)  # the file may have changed since it was read
         if self.notifier.enabled:
             self._spawn(self._heartbeat())
 
@@ -209,10 +198,33 @@ class Operations:
             await asyncio.sleep(interval)
             query_log.flush()
 
+    def _take_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGHUP reloads, SIGUSR1 logs the counts.
+
+        Plain ``signal.signal`` handlers that hand over to the loop, not the loop's
+        ``add_signal_handler``: :meth:`stopping` can then switch them to SIG_IGN in
+        one step, where removing a loop's handler passes through SIG_DFL first (a
+        SIGHUP in that instant ended the process mid-shutdown), and the loop never
+        resets them to SIG_DFL when it closes. Python runs them in the main thread;
+        the loop's wakeup fd (set for SIGINT/SIGTERM) wakes it for them.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handing_over(callback: Callable[[], None]) -> Callable[..., None]:
+            def handler(signum: int, frame: object) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(callback)
+
+            return handler
+
+        early.owned = True
+        signal.signal(signal.SIGHUP, handing_over(self._sighup))
+        signal.signal(signal.SIGUSR1, handing_over(lambda: log.warning("%s", self.summary())))
+
     def _sighup(self) -> None:
         if self._stopping:  # a held SIGHUP scheduled by start(), after a stop that came first
             return
-        self.reloads += 1
         log.warning("SIGHUP: reloading the configuration")
         self.notifier.reloading()
         query_log = self.observations.query_log
@@ -243,10 +255,9 @@ class Operations:
         self.notifier.stopping()
         if threading.current_thread() is not threading.main_thread():
             return
-        loop = asyncio.get_running_loop()
         for signum in (signal.SIGHUP, signal.SIGUSR1):
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, signal.SIG_IGN)
+            signal.signal(signum, signal.SIG_IGN)  # one step: never SIG_DFL meanwhile
+        early.owned = False
 
     async def close(self) -> None:
         for task in list(self._tasks):

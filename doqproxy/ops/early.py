@@ -18,6 +18,10 @@ from types import FrameType
 received: list[int] = []
 """SIGHUPs recorded since :func:`hold_sighup` (cleared when applied)."""
 
+owned = False
+"""Whether a running forwarder handles SIGHUP itself (then holding is a no-op: a
+reload parses the command line again, which must not take the signal back)."""
+
 
 def _record(signum: int, frame: FrameType | None) -> None:
     received.append(signum)
@@ -26,7 +30,7 @@ def _record(signum: int, frame: FrameType | None) -> None:
 def hold_sighup() -> None:
     """Record SIGHUP from now on; a new hold forgets what an earlier run recorded
     (several in-process runs), but not what this one already has."""
-    if threading.current_thread() is not threading.main_thread():
+    if owned or threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers, and signals go there only
     if signal.getsignal(signal.SIGHUP) is not _record:
         received.clear()
