@@ -38,35 +38,32 @@ _UPSTREAM_FIELDS = (
 )
 
 
+_START_ONLY = {
+    "listen": "listen addresses",
+    "udp_reader": "--udp-reader",
+    "tcp": "the --tcp-* limits",
+    "state_dir": "--state-dir",
+}
+_START_ONLY_OPS = {
+    "metrics_listen": "--metrics-listen",
+    "query_log": "--query-log",
+    "user": "--user",
+}
+"""Settings read only at start-up (field: how the warning names it)."""
+
+
 def _in_force(new: ForwardSettings, old: ForwardSettings) -> ForwardSettings:
     """``new`` with the settings read only at start-up put back to ``old``'s, saying
     which ones a reload tried to change (so a later reload compares with what runs)."""
-    kept: tuple[tuple[str, object, object], ...] = (
-        ("listen addresses", new.listen, old.listen),
-        ("--udp-reader", new.udp_reader, old.udp_reader),
-        ("the --tcp-* limits", new.tcp, old.tcp),
-        ("--state-dir", new.state_dir, old.state_dir),
-        ("--metrics-listen", new.ops.metrics_listen, old.ops.metrics_listen),
-        ("--query-log", new.ops.query_log, old.ops.query_log),
-        ("--user", new.ops.user, old.ops.user),
-    )
-    for what, wanted, running in kept:
-        if wanted != running:
-            log.warning("reload: %s cannot change without a restart; keeping the old", what)
-    ops = dataclasses.replace(
-        new.ops,
-        metrics_listen=old.ops.metrics_listen,
-        query_log=old.ops.query_log,
-        user=old.ops.user,
-    )
-    return dataclasses.replace(
-        new,
-        listen=old.listen,
-        udp_reader=old.udp_reader,
-        tcp=old.tcp,
-        state_dir=old.state_dir,
-        ops=ops,
-    )
+    for source, running, fields in (
+        (new, old, _START_ONLY),
+        (new.ops, old.ops, _START_ONLY_OPS),
+    ):
+        for name, what in fields.items():
+            if getattr(source, name) != getattr(running, name):
+                log.warning("reload: %s cannot change without a restart; keeping the old", what)
+    ops = dataclasses.replace(new.ops, **{name: getattr(old.ops, name) for name in _START_ONLY_OPS})
+    return dataclasses.replace(new, ops=ops, **{name: getattr(old, name) for name in _START_ONLY})
 
 
 def _lookup_inputs(settings: ForwardSettings) -> tuple[object, ...]:
