@@ -26,7 +26,7 @@ from doqproxy.frontend.tcp import TcpLimits
 from doqproxy.net.addresses import AddressError, parse_listen
 from doqproxy.net.sockets import ListenError
 from doqproxy.net.stamps import StampError
-from doqproxy.ops import control, process, systemd
+from doqproxy.ops import early, process, systemd
 from doqproxy.ops.control import OpsSettings
 from doqproxy.ops.privileges import (
     PrivilegeError,
@@ -155,7 +155,7 @@ def forward(
       doqproxy forward -l 127.0.0.1:5353 -u quic://dns.adguard-dns.com
       doqproxy forward -u quic://dns.adguard-dns.com -u quic://dns.nextdns.io
     """
-    control.hold_early_sighup()  # until the reload handler is in place
+    early.hold_sighup()  # until the reload handler is in place (Operations.start)
     try:
         addresses = tuple(parse_listen(text) for text in listen)
     except (AddressError, StampError) as exc:

@@ -39,12 +39,6 @@ from doqproxy.upstream.pool import DoqUpstream
 log = logging.getLogger(__name__)
 
 
-def hold_early_sighup() -> None:
-    """Keep a SIGHUP that arrives before the forwarder is up (its default action
-    ends the process) and apply it as a reload once it is: :meth:`Operations.start`."""
-    early.hold_sighup()
-
-
 STATUS_INTERVAL = 10.0
 """Seconds between STATUS= updates when there is no watchdog to piggyback on."""
 
