@@ -486,18 +486,17 @@ class DoqUpstream:
         if conn.handshake_done.cancelled() or conn.handshake_done.exception() is not None:
             if conn in self._superseded:
                 return
+            self.stats.connect_failures += 1
             failure = None if conn.handshake_done.cancelled() else conn.handshake_done.exception()
             if isinstance(failure, ConnectionLost) and failure.engine_failure:
                 # Our QUIC engine failed, not the server or the path: no backoff, and
                 # the next query (or the retry of this one) opens a new connection.
-                self.stats.connect_failures += 1
                 return
             if self._preferred == conn.address:
                 self._preferred = None
             if self.forget is not None:
                 self.forget(self.url.host)
             self._failed_at[conn.address] = time.monotonic()
-            self.stats.connect_failures += 1
             self._backoff.failed(time.monotonic())
             self._last_error = str(failure) if failure else "handshake failed"
             return
