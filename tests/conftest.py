@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -151,6 +152,17 @@ class ProxyProcess(ManagedProcess):
                 return
             time.sleep(0.05)
         raise AssertionError(f"doqproxy did not start listening:\n{self.stderr()}")
+
+
+async def reloaded(proxy: ManagedProcess, count: int = 1) -> str:
+    """Send SIGHUP and wait for the ``count``-th "reload: done"; the log so far."""
+    proxy.proc.send_signal(signal.SIGHUP)
+    for _ in range(300):
+        log = proxy.stderr()
+        if log.count("reload: done") >= count:
+            return log
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"reload {count} not done:\n{proxy.stderr()}")
 
 
 @pytest.fixture

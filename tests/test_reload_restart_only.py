@@ -4,13 +4,12 @@ what runs on the next reload."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 
 import dns.asyncquery
 import dns.message
 
-from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port
+from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port, reloaded
 from .doq_fixture import DoqTestUpstream
 
 WARNING = "cannot change without a restart"
@@ -20,17 +19,6 @@ async def _ask(port: int, name: str) -> str:
     query = dns.message.make_query(name, "A")
     response = await dns.asyncquery.udp(query, "127.0.0.1", port=port, timeout=10)
     return str(response.answer[0][0])
-
-
-async def _reloaded(proxy: ProxyProcess, count: int) -> str:
-    """Send SIGHUP and wait for the ``count``-th "reload: done"; the log so far."""
-    proxy.proc.send_signal(signal.SIGHUP)
-    for _ in range(300):
-        log = proxy.stderr()
-        if log.count("reload: done") >= count:
-            return log
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"reload {count} not done:\n{proxy.stderr()}")
 
 
 async def test_start_up_settings_are_kept_and_said(certs: Certs, tmp_path: Path) -> None:
@@ -55,19 +43,19 @@ async def test_start_up_settings_are_kept_and_said(certs: Certs, tmp_path: Path)
         assert await _ask(port, "a.test.") == "192.0.2.1"
 
         configure(second_state, 30.0, 4.0)
-        log = await _reloaded(proxy, 1)
+        log = await reloaded(proxy, 1)
         assert "reload: --state-dir cannot change without a restart; keeping the old" in log
         assert "reload: the --tcp-* limits cannot change without a restart" in log
         assert log.count(WARNING) == 2, log
         assert await _ask(port, "n1.test.") == "192.0.2.11"
 
         # The same file again: still not what runs, so said again.
-        log = await _reloaded(proxy, 2)
+        log = await reloaded(proxy, 2)
         assert log.count(WARNING) == 4, log
         # Back to what runs: nothing to say (the reload compares with what runs, not
         # with the file it read last).
         configure(first_state, 60.0, 4.0)
-        log = await _reloaded(proxy, 3)
+        log = await reloaded(proxy, 3)
         assert log.count(WARNING) == 4, log
 
         assert proxy.stop() == 0

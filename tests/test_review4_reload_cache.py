@@ -4,23 +4,12 @@ of them, so the settings kept must be the running cache's, as for the others."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 
-from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port
+from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port, reloaded
 from .doq_fixture import DoqTestUpstream
 
 WARNING = "turning the cache on or off needs a restart"
-
-
-async def _reloaded(proxy: ProxyProcess, count: int) -> str:
-    proxy.proc.send_signal(signal.SIGHUP)
-    for _ in range(300):
-        log = proxy.stderr()
-        if log.count("reload: done") >= count:
-            return log
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"reload {count} not done:\n{proxy.stderr()}")
 
 
 async def test_cache_off_is_said_on_every_reload_while_the_cache_runs(
@@ -42,12 +31,12 @@ async def test_cache_off_is_said_on_every_reload_while_the_cache_runs(
     try:
         await asyncio.to_thread(proxy.wait_ready)
         config.write_text(base + "no-cache = true\n")
-        log = await _reloaded(proxy, 1)
+        log = await reloaded(proxy, 1)
         assert log.count(WARNING) == 1, log
-        log = await _reloaded(proxy, 2)
+        log = await reloaded(proxy, 2)
         assert log.count(WARNING) == 2, log
         config.write_text(base)  # back to what runs: nothing to say
-        log = await _reloaded(proxy, 3)
+        log = await reloaded(proxy, 3)
         assert log.count(WARNING) == 2, log
     finally:
         proxy.stop()

@@ -6,7 +6,6 @@ other engine takes them and resumes."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from pathlib import Path
 
 import dns.asyncquery
@@ -14,17 +13,8 @@ import dns.message
 import dns.rcode
 import pytest
 
-from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port
+from .conftest import SERVER_NAME, Certs, ProxyProcess, free_port, reloaded
 from .doq_fixture import DoqTestUpstream
-
-
-async def _reloaded(proxy: ProxyProcess) -> None:
-    proxy.proc.send_signal(signal.SIGHUP)
-    for _ in range(300):
-        if "reload: done" in proxy.stderr():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"reload not done:\n{proxy.stderr()}")
 
 
 async def _ask(port: int, name: str) -> int:
@@ -55,7 +45,7 @@ async def test_reload_to_the_other_engine_resumes_or_starts_afresh(
         assert await _ask(port, "before.example.") == dns.rcode.NXDOMAIN
         await asyncio.sleep(0.5)  # the server's session ticket arrives after the answer
         config.write_text(base + f'quic-engine = "{then}"\n')
-        await _reloaded(proxy)
+        await reloaded(proxy)
         assert await _ask(port, "after.example.") == dns.rcode.NXDOMAIN, proxy.stderr()
         log = proxy.stderr()
         assert "Traceback" not in log
