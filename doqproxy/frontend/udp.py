@@ -32,7 +32,12 @@ class UdpAnswers:
     accepting: bool
 
     def send(self, reply: bytes, addr: Any) -> None:
+        """Send a reply to the datagram being handled (its socket is open)."""
         raise NotImplementedError
+
+    def send_late(self, reply: bytes, addr: Any) -> None:
+        """Send a reply to a datagram read earlier: the socket may be closing by now."""
+        self.send(reply, addr)
 
     def receive(self, data: bytes, addr: Any) -> None:
         """Handle one datagram from ``addr``."""
@@ -67,7 +72,7 @@ class UdpAnswers:
             return
         reply = self.admission.udp_reply(reply, client, time.monotonic())
         if reply:
-            self.send(reply, addr)
+            self.send_late(reply, addr)
 
 
 class UdpFrontEnd(UdpAnswers, asyncio.DatagramProtocol):
@@ -87,6 +92,11 @@ class UdpFrontEnd(UdpAnswers, asyncio.DatagramProtocol):
     datagram_received = UdpAnswers.receive
 
     def send(self, reply: bytes, addr: Any) -> None:
+        # A datagram just arrived on this transport, so it is open: no check on the
+        # cache-hit path.
+        self.transport.sendto(reply, addr)  # type: ignore[union-attr]
+
+    def send_late(self, reply: bytes, addr: Any) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.sendto(reply, addr)
