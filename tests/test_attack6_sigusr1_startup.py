@@ -11,7 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from .conftest import ProxyProcess, free_port
+from .conftest import ProxyProcess, free_port, tcp_accepting
 
 
 def _caught(pid: int) -> int:
@@ -38,12 +38,13 @@ def test_sigusr1_during_start_up_is_not_fatal(tmp_path: Path) -> None:
         while not _caught(proxy.proc.pid) & (1 << (signal.SIGHUP - 1)):
             assert proxy.proc.poll() is None and time.monotonic() < deadline, proxy.stderr()
             time.sleep(0.001)
-        while proxy.proc.poll() is None and not _caught(proxy.proc.pid) & (
-            1 << (signal.SIGUSR1 - 1)
-        ):
+        ready: float | None = None  # go on 0.5 s past the listeners, to the loop's handler
+        while proxy.proc.poll() is None and (ready is None or time.monotonic() < ready + 0.5):
             assert time.monotonic() < deadline, proxy.stderr()
             proxy.proc.send_signal(signal.SIGUSR1)
             time.sleep(0.002)
+            if ready is None and tcp_accepting(port):
+                ready = time.monotonic()
         assert proxy.proc.poll() is None, f"exit {proxy.proc.returncode}\n{proxy.stderr()}"
         proxy.wait_ready()
         proxy.proc.send_signal(signal.SIGUSR1)  # now logs the counts
