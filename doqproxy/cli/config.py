@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 import tomllib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 from click.core import ParameterSource
@@ -71,10 +72,25 @@ def _toml_type(value: object) -> str:
             dict: "table"}.get(type(value), type(value).__name__)  # fmt: skip
 
 
+def _open_config(path: str) -> BinaryIO:
+    """``path`` opened for reading, refused if it is a FIFO or a socket: opening a
+    FIFO waits for a writer, which would stall a SIGHUP reload's event loop."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise ConfigError(f"{path}: not a regular file (a FIFO or a socket)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_file(path: str, command: click.Command, ctx: click.Context) -> dict[str, Any]:
     """Validated values from ``path``, by parameter name (raises :class:`ConfigError`)."""
     try:
-        with open(path, "rb") as handle:
+        with _open_config(path) as handle:
             raw = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (give --config PATH, or create it)") from None

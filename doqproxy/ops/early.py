@@ -1,4 +1,5 @@
-"""A SIGHUP that arrives before ``forward`` is up is kept, not fatal.
+"""A SIGHUP that arrives before ``forward`` is up is kept, not fatal (a SIGUSR1 is
+ignored).
 
 SIGHUP's default action ends a process, and a forwarder is sent one whenever the
 network changes (a DHCP lease, a new VLAN), possibly while it is still starting.
@@ -27,11 +28,18 @@ def _record(signum: int, frame: FrameType | None) -> None:
     received.append(signum)
 
 
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """SIGUSR1 asks for the stats, which do not exist yet: not a reason to die."""
+
+
 def hold_sighup() -> None:
-    """Record SIGHUP from now on; a new hold forgets what an earlier run recorded
-    (several in-process runs), but not what this one already has."""
+    """Record SIGHUP from now on, and ignore SIGUSR1 until the loop takes it (its
+    default action ends the process too); a new hold forgets what an earlier run
+    recorded (several in-process runs), but not what this one already has."""
     if owned or threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers, and signals go there only
+    if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, _ignore)
     if signal.getsignal(signal.SIGHUP) is not _record:
         received.clear()
         signal.signal(signal.SIGHUP, _record)
